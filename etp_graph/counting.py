@@ -1,0 +1,156 @@
+"""MACs, parameters and latency.
+
+Convention, written once: **one fused multiply-add counts as one MAC** (fvcore's convention:
+a ``Linear(i, o)`` on ``n`` rows costs ``n·i·o``). fvcore traces the model with TorchScript and
+counts with per-op handles; ops it has no handle for are added here, declared free, or reported
+by :func:`unsupported_ops`, and :func:`count_macs` warns about them instead of counting zero.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import warnings
+from typing import Any, Callable, Dict, List
+
+import torch
+from fvcore.nn import FlopCountAnalysis
+from torch import nn
+
+from .graph.verify import forward
+
+__all__ = ["count_macs", "count_params", "unsupported_ops", "measure_latency", "MAC_HANDLES", "FREE_OPS"]
+
+
+def _sizes(v) -> List[int]:
+    return list(v.type().sizes())
+
+
+def _rnn_macs(gates: int) -> Callable:
+    """``aten::lstm``/``aten::gru``: per layer, direction and step, ``gates·H·(I + H)`` MACs."""
+
+    def handle(inputs, outputs) -> int:
+        x = _sizes(inputs[0])
+        params = [_sizes(p) for p in inputs[2].node().inputs()]
+        batch_first = bool(inputs[-1].toIValue())
+        steps, batch = (x[1], x[0]) if batch_first else (x[0], x[1])
+        total = 0
+        for shape in params:
+            if len(shape) == 2:  # weight_ih [G·H, I] or weight_hh [G·H, H]
+                total += shape[0] * shape[1]
+        return steps * batch * total
+
+    return handle
+
+
+def _sdpa_macs(inputs, outputs) -> int:
+    """``softmax(q·kᵀ)·v``: ``L·S·E`` for the scores and ``L·S·Ev`` for the weighted sum."""
+    q, k, v = (_sizes(i) for i in inputs[:3])
+    lead = math.prod(q[:-2])
+    return lead * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+#: Handles for ops fvcore lacks: op name -> f(inputs, outputs) -> MACs.
+MAC_HANDLES: Dict[str, Callable] = {
+    "aten::lstm": _rnn_macs(4),
+    "aten::gru": _rnn_macs(3),
+    "aten::scaled_dot_product_attention": _sdpa_macs,
+}
+
+#: Ops that truly cost no multiply-adds (data movement, element-wise maths, activations).
+FREE_OPS = tuple("""
+aten::add aten::add_ aten::sub aten::mul aten::mul_ aten::div aten::neg aten::relu aten::relu_
+aten::gelu aten::silu aten::sigmoid aten::tanh aten::softmax aten::log_softmax aten::dropout
+aten::elu aten::leaky_relu aten::hardtanh aten::hardswish aten::pad aten::constant_pad_nd
+aten::max_pool1d aten::max_pool2d aten::max_pool3d aten::avg_pool2d aten::adaptive_avg_pool1d
+aten::adaptive_avg_pool2d aten::flatten aten::view aten::reshape aten::permute aten::transpose
+aten::contiguous aten::cat aten::chunk aten::split aten::slice aten::select aten::index
+aten::embedding aten::mean aten::sum aten::clone aten::expand aten::repeat aten::unsqueeze
+aten::squeeze aten::size aten::ne aten::eq aten::lt aten::gt aten::rsub aten::pow aten::sqrt
+aten::exp aten::clamp aten::masked_fill aten::where aten::to aten::type_as aten::ones
+aten::zeros aten::arange aten::full aten::detach aten::scatter_add_ aten::index_select
+aten::max_pool2d_with_indices aten::upsample_nearest2d aten::glu aten::unbind aten::t
+aten::numpy_T aten::stack aten::new_zeros aten::fill_ aten::copy_ aten::zero_ aten::abs
+aten::layer_norm aten::group_norm aten::batch_norm aten::instance_norm
+aten::circular_pad1d aten::circular_pad2d aten::reflection_pad1d aten::reflection_pad2d
+aten::replication_pad1d aten::replication_pad2d aten::_pad_circular aten::im2col
+aten::prelu aten::unflatten aten::gelu_ aten::softplus
+""".split())
+
+
+def _analysis(model: nn.Module, example_inputs: Any) -> FlopCountAnalysis:
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (
+        tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,))
+    if isinstance(example_inputs, dict):
+        raise TypeError("count_macs takes a Tensor or a tuple of positional arguments; for keyword "
+                        "inputs wrap the model: lambda-free wrappers such as "
+                        "etp_graph.counting.KwargsModel(model, keys)")
+    fca = FlopCountAnalysis(model, inputs)
+    fca.set_op_handle(**MAC_HANDLES)
+    fca.set_op_handle(**{op: None for op in FREE_OPS if op not in fca._op_handles})
+    fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    return fca
+
+
+def count_macs(model: nn.Module, example_inputs: Any) -> int:
+    """Multiply-adds of one forward on ``example_inputs`` (1 fused multiply-add = 1 MAC).
+
+    Example::
+
+        >>> count_macs(nn.Linear(8, 4), torch.randn(2, 8))   # 2 rows · 8 · 4
+        64
+    """
+    was = model.training
+    model.eval()
+    try:
+        fca = _analysis(model, example_inputs)
+        total = int(fca.total())
+        missing = dict(fca.unsupported_ops())
+    finally:
+        model.train(was)
+    if missing:
+        warnings.warn(f"count_macs: no MAC handle for {sorted(missing)}; their cost is not included. "
+                      "Add one to etp_graph.counting.MAC_HANDLES or declare it in FREE_OPS.",
+                      stacklevel=2)
+    return total
+
+
+def unsupported_ops(model: nn.Module, example_inputs: Any) -> Dict[str, int]:
+    """Ops (and how often they run) that :func:`count_macs` cannot count."""
+    was = model.training
+    model.eval()
+    try:
+        fca = _analysis(model, example_inputs)
+        fca.total()
+        return dict(fca.unsupported_ops())
+    finally:
+        model.train(was)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def measure_latency(model: nn.Module, example_inputs: Any, warmup: int = 3, repeat: int = 10) -> Dict[str, float]:
+    """Wall-clock latency of one forward under ``torch.inference_mode()``.
+
+    Returns ``median_ms``, ``iqr_ms`` (interquartile spread), ``min_ms``, ``repeat`` and ``threads``.
+    """
+    if repeat < 1 or warmup < 0:
+        raise ValueError(f"repeat must be >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
+    was = model.training
+    model.eval()
+    times = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                forward(model, example_inputs)
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                forward(model, example_inputs)
+                times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        model.train(was)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"median_ms": statistics.median(times), "iqr_ms": q[2] - q[0], "min_ms": min(times),
+            "repeat": repeat, "threads": torch.get_num_threads()}

@@ -1,0 +1,264 @@
+"""``CoupledGroup``: one set of units tied across tensors, and ``ChannelGraph``, the set of them."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import networkx as nx
+import torch
+from torch import nn
+
+from ..handlers import get_handler
+
+
+@dataclasses.dataclass
+class SliceItem:
+    """Tensor ``owner.attr`` cut along ``dim``: unit ``unit[k]`` owns index ``index[k]``.
+
+    ``module``/``role`` name the layer whose bookkeeping is refreshed after a cut; ``channel[k]``
+    is the layer-local channel number behind pair ``k`` (counted to tell the layer how many it lost).
+    """
+
+    owner: str
+    attr: str
+    dim: int
+    unit: torch.Tensor
+    index: torch.Tensor
+    module: Optional[str]
+    role: str
+    channel: torch.Tensor
+
+
+def _resolve(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name) if name else model
+
+
+class CoupledGroup:
+    """Units (output channels, hidden units …) whose slices in several tensors go together.
+
+    ``size`` units, numbered in the order of the root layer's channels. Every method acts on all
+    coupled slices at once: the root layer's rows, the BatchNorm entries, the next layers' input
+    columns, residual partners, free per-channel parameters.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        >>> g = eg.trace(model, torch.randn(1, 3, 8, 8)).groups[0]
+        >>> g.root, g.size
+        ('0', 8)
+        >>> g.prune([0, 5]); model[0].out_channels, model[3].in_channels
+        (6, 6)
+    """
+
+    def __init__(self, graph: "ChannelGraph", gid: int, root: str, size: int,
+                 items: List[SliceItem], exact: bool, ops: Sequence[str] = ()):
+        self._graph = graph
+        self.id = gid
+        self.root = root
+        self._size = size
+        self.items = items
+        #: False when a normalisation over the pruned dimension (LayerNorm, GroupNorm) is in the
+        #: group: masking then differs from removal and only shapes can be compared.
+        self.exact = exact
+        #: non-parametric ops the group's channels flow through (names of autograd nodes)
+        self.ops = tuple(ops)
+
+    # ----------------------------------------------------------------------------------- info
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def modules(self) -> List[str]:
+        """Qualified names of the layers with a slice in this group, in order of appearance."""
+        return list(dict.fromkeys(i.module if i.module is not None else i.owner for i in self.items))
+
+    def __repr__(self) -> str:
+        return f"CoupledGroup(id={self.id}, root={self.root!r}, size={self.size}, layers={len(self.modules)})"
+
+    # ------------------------------------------------------------------------------- checking
+    def _check(self, indices: Iterable[int], allow_all: bool = False) -> torch.Tensor:
+        if isinstance(indices, torch.Tensor):
+            indices = indices.flatten().tolist()
+        try:
+            idx = [int(i) for i in indices]
+        except TypeError as e:
+            raise TypeError(f"group {self.root!r}: indices must be a sequence of ints, got "
+                            f"{type(indices).__name__}") from e
+        bad = [i for i in idx if not 0 <= i < self.size]
+        if bad:
+            raise ValueError(f"group {self.root!r} has {self.size} units (0..{self.size - 1}); "
+                             f"indices {bad} are out of range")
+        if len(set(idx)) != len(idx):
+            dup = sorted({i for i in idx if idx.count(i) > 1})
+            raise ValueError(f"group {self.root!r}: duplicate indices {dup}; pass each unit once")
+        if not allow_all and len(idx) >= self.size:
+            raise ValueError(f"group {self.root!r}: removing all {self.size} units would delete the "
+                             f"layer; keep at least one unit")
+        return torch.tensor(sorted(idx), dtype=torch.long)
+
+    # ---------------------------------------------------------------------------- operations
+    def unit_norms(self, model: Optional[nn.Module] = None) -> torch.Tensor:
+        """``Tensor[size]``: per unit, the L2 norm over every coupled slice (differentiable).
+
+        A tensor index shared by several channels of one unit (a grouped convolution's weight
+        column) is counted once.
+        """
+        model = self._graph.model if model is None else model
+        sq = None
+        for it in self.items:
+            t = getattr(_resolve(model, it.owner), it.attr)
+            dims = [d for d in range(t.dim()) if d != it.dim]
+            per_index = t.pow(2).sum(dim=dims) if dims else t.pow(2)
+            pairs = torch.unique(torch.stack([it.unit, it.index]), dim=1)
+            contrib = torch.zeros(self.size, dtype=t.dtype, device=t.device).index_add(
+                0, pairs[0].to(t.device), per_index[pairs[1].to(t.device)])
+            sq = contrib if sq is None else sq + contrib
+        if sq is None:
+            return torch.zeros(self.size)
+        return sq.sqrt()
+
+    @torch.no_grad()
+    def zero_(self, indices: Iterable[int], model: Optional[nn.Module] = None) -> None:
+        """Zero every coupled slice of these units in place: a mask with the pruned model's output."""
+        units = self._check(indices, allow_all=True)
+        model = self._graph.model if model is None else model
+        for it in self.items:
+            sel = torch.isin(it.unit, units)
+            if sel.any():
+                t = getattr(_resolve(model, it.owner), it.attr)
+                t.index_fill_(it.dim, it.index[sel].unique().to(t.device), 0)
+
+    def prune(self, indices: Iterable[int]) -> None:
+        """Physically remove these units from every coupled tensor. Atomic: on error nothing changes.
+
+        The group stays usable: its remaining units are renumbered ``0 … size - len(indices) - 1``
+        in the same order, and the other groups of the graph are unaffected.
+        """
+        units = self._check(indices)
+        if len(units) == 0:
+            return
+        self._cut(self._graph.model, units)
+        self._renumber(units)
+
+    # ------------------------------------------------------------------------------ internals
+    def _cut(self, model: nn.Module, units: torch.Tensor) -> None:
+        """Remove ``units``' slices from ``model`` (the graph's model or a structural copy)."""
+        plan: Dict[Tuple[str, str], Dict[int, set]] = {}
+        removed: Dict[Tuple[str, str], set] = {}
+        for it in self.items:
+            sel = torch.isin(it.unit, units)
+            if not sel.any():
+                continue
+            plan.setdefault((it.owner, it.attr), {}).setdefault(it.dim, set()).update(it.index[sel].tolist())
+            if it.module is not None:
+                removed.setdefault((it.module, it.role), set()).update(it.channel[sel].tolist())
+        touched = {o for o, _ in plan} | {m for m, _ in removed}
+        snapshot = {name: _snapshot(_resolve(model, name)) for name in touched}
+        try:
+            for (owner, attr), dims in plan.items():
+                mod = _resolve(model, owner)
+                t = getattr(mod, attr)
+                new = t.detach()
+                for dim, drop in dims.items():
+                    keep = [i for i in range(new.shape[dim]) if i not in drop]
+                    new = new.index_select(dim, torch.tensor(keep, dtype=torch.long, device=t.device))
+                if isinstance(t, nn.Parameter):
+                    setattr(mod, attr, nn.Parameter(new.clone(), requires_grad=t.requires_grad))
+                else:
+                    mod._buffers[attr] = new.clone()
+            counts: Dict[str, Dict[str, int]] = {}
+            for (mname, role), ch in removed.items():
+                counts.setdefault(mname, {})[role] = len(ch)
+            for mname, c in counts.items():
+                mod = _resolve(model, mname)
+                get_handler(mod).refresh(mod, c)
+        except Exception:
+            for name, state in snapshot.items():
+                _restore(_resolve(model, name), state)
+            raise
+
+    def _renumber(self, units: torch.Tensor) -> None:
+        shift: Dict[Tuple[str, str, int], torch.Tensor] = {}
+        lost: Dict[Tuple[Optional[str], str], torch.Tensor] = {}
+        for it in self.items:
+            sel = torch.isin(it.unit, units)
+            for table, key, vals in ((shift, (it.owner, it.attr, it.dim), it.index[sel]),
+                                     (lost, (it.module, it.role), it.channel[sel])):
+                table[key] = torch.cat([table.get(key, vals[:0]), vals]).unique()
+        unit_map = torch.full((self.size,), -1, dtype=torch.long)
+        kept = torch.tensor([u for u in range(self.size) if u not in set(units.tolist())], dtype=torch.long)
+        unit_map[kept] = torch.arange(len(kept))
+        for it in self.items:
+            keep = ~torch.isin(it.unit, units)
+            gone = shift[(it.owner, it.attr, it.dim)]
+            idx = it.index[keep]
+            it.index = idx - torch.searchsorted(gone, idx)
+            it.unit = unit_map[it.unit[keep]]
+            ch = it.channel[keep]
+            it.channel = ch - torch.searchsorted(lost[(it.module, it.role)], ch)
+        self._size = len(kept)
+
+
+def _snapshot(mod: nn.Module) -> dict:
+    return {"_parameters": dict(mod._parameters), "_buffers": dict(mod._buffers),
+            "attrs": {k: v for k, v in vars(mod).items() if not k.startswith("_")}}
+
+
+def _restore(mod: nn.Module, state: dict) -> None:
+    mod._parameters.clear(); mod._parameters.update(state["_parameters"])
+    mod._buffers.clear(); mod._buffers.update(state["_buffers"])
+    for k, v in state["attrs"].items():
+        setattr(mod, k, v)
+    if hasattr(mod, "_init_flat_weights"):
+        mod._init_flat_weights()
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedGroup:
+    """A group the engine will not prune, and why."""
+
+    root: str
+    reason: str
+
+
+class ChannelGraph:
+    """Result of :func:`etp_graph.trace`: the coupled groups of a model and the layer graph."""
+
+    def __init__(self, model: nn.Module, groups: List[CoupledGroup], skipped: List[SkippedGroup],
+                 nodes: Dict[str, str], edges: List[Tuple[str, str]], unknown_ops: Dict[str, List[int]]):
+        self.model = model
+        self.groups = groups
+        self.skipped = skipped
+        self._nodes = nodes
+        self._edges = edges
+        #: autograd ops the channels pass through that are neither handled nor declared harmless,
+        #: mapped to the ids of the groups they touch (those groups were verified by masking).
+        self.unknown_ops = unknown_ops
+
+    def __repr__(self) -> str:
+        return f"ChannelGraph(groups={len(self.groups)}, skipped={len(self.skipped)})"
+
+    def table(self) -> str:
+        """A readable table of the groups: id, root, units, layers, exactness."""
+        rows = [("id", "root", "units", "layers", "check")]
+        for g in self.groups:
+            rows.append((str(g.id), g.root, str(g.size), str(len(g.modules)),
+                         "exact" if g.exact else "shape"))
+        for s in self.skipped:
+            rows.append(("-", s.root, "-", "-", "skipped: " + s.reason[:60]))
+        w = [max(len(r[i]) for r in rows) for i in range(4)]
+        return "\n".join("  ".join(r[i].ljust(w[i]) for i in range(4)) + "  " + r[4] for r in rows)
+
+    def to_networkx(self) -> nx.DiGraph:
+        """Layers (and non-parametric ops) as nodes with ``kind`` and ``groups`` (group ids);
+        data-flow edges from producer to consumer."""
+        g = nx.DiGraph()
+        member: Dict[str, List[int]] = {}
+        for grp in self.groups:
+            for name in grp.modules:
+                member.setdefault(name, []).append(grp.id)
+        for name, kind in self._nodes.items():
+            g.add_node(name, kind=kind, groups=sorted(member.get(name, [])))
+        g.add_edges_from(self._edges)
+        return g

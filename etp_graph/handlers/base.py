@@ -1,0 +1,166 @@
+"""Per-layer-family knowledge: which tensor slices belong to a unit, and how to keep a module valid.
+
+A *handler* answers, for one family of modules, three questions and nothing else:
+
+* ``slices(module, role)`` — for ``role="out"`` (the module's output channels) or ``role="in"``
+  (its input channels): which tensors (parameters *and* buffers), along which dimension, and
+  which tensor indices each channel owns. The graph, the regulariser and the pruner only ever see
+  these :class:`TensorSlice` objects, so zeroing, measuring and removing a unit are driven by
+  one table and can never disagree.
+* ``period(module, role)`` — channels that must be removed together (a grouped convolution must
+  lose the same position in every group; a bidirectional RNN the same hidden unit in both
+  directions). ``None`` when any subset may go.
+* ``refresh(module)`` — rewrite the module's bookkeeping (``out_features``, ``groups``,
+  ``hidden_size`` …) from its tensors after they were cut.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TensorSlice",
+    "LayerHandler",
+    "register_handler",
+    "get_handler",
+    "registered_handlers",
+]
+
+
+def _identity(channels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return torch.arange(len(channels)), channels
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSlice:
+    """Tensor ``attr`` of a module, cut along ``dim``.
+
+    ``index(channels)`` maps channel numbers (a LongTensor) to pairs ``(pos, idx)``: entry
+    ``pos[k]`` of ``channels`` owns index ``idx[k]`` of the tensor along ``dim``. One channel may
+    own several indices (an LSTM hidden unit owns four gate rows) and several channels may share
+    one (every group of a grouped convolution reads the same weight column).
+    """
+
+    attr: str
+    dim: int
+    index: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]] = _identity
+
+
+class LayerHandler:
+    """Base class of the per-family handlers; subclasses set ``module_types``."""
+
+    module_types: ClassVar[Tuple[Type[nn.Module], ...]] = ()
+    #: False where a normalisation over the pruned dimension makes masking differ from removal.
+    exact_when_masked: ClassVar[bool] = True
+    #: May a group be rooted at this module's output channels?
+    can_root: ClassVar[bool] = False
+    #: The tracer backend has no (correct) support for this family: it gets a leaf adapter.
+    backend_lacks: ClassVar[bool] = False
+
+    def traced_as_leaf(self, module: nn.Module) -> bool:
+        """Hide the module's internal ops from the tracer: its outputs depend on its inputs only."""
+        return self.backend_lacks
+
+    def slices(self, module: nn.Module, role: str) -> List[TensorSlice]:
+        raise NotImplementedError
+
+    def period(self, module: nn.Module, role: str) -> Optional[int]:
+        return None
+
+    def refresh(self, module: nn.Module, removed: Dict[str, int]) -> None:
+        """Update the module's size attributes after its tensors were cut.
+
+        ``removed`` maps a role (``"out"``/``"in"``) to how many channels it lost.
+        """
+
+    def unsupported(self, module: nn.Module, role: str) -> Optional[str]:
+        """A reason why this module cannot be cut in this role, or ``None``."""
+        return None
+
+    def internal_groups(self, module: nn.Module) -> List[List[Tuple[str, TensorSlice]]]:
+        """Units wholly inside the module (a stacked RNN's inner hidden units).
+
+        Each entry is one group: a list of ``(role_label, slice)`` whose channels are the
+        group's units, numbered the same way in every slice.
+        """
+        return []
+
+    def num_channels(self, module: nn.Module, role: str) -> Optional[int]:
+        return None
+
+
+_REGISTRY: Dict[Type[nn.Module], LayerHandler] = {}
+
+
+def register_handler(cls: Type[LayerHandler]) -> Type[LayerHandler]:
+    """Class decorator: register a handler for its ``module_types``; duplicates are refused."""
+    if not cls.module_types:
+        raise TypeError(f"{cls.__name__} declares no module_types; set module_types = (nn.X, ...)")
+    instance = cls()
+    for t in cls.module_types:
+        if t in _REGISTRY:
+            raise ValueError(
+                f"a handler for {t.__name__} is already registered "
+                f"({type(_REGISTRY[t]).__name__}); unregister it or subclass the module type"
+            )
+        _REGISTRY[t] = instance
+    return cls
+
+
+def get_handler(module: nn.Module) -> Optional[LayerHandler]:
+    """The handler for ``module``'s most specific registered type, or ``None``."""
+    for t in type(module).__mro__:
+        h = _REGISTRY.get(t)
+        if h is not None:
+            return h
+    return None
+
+
+def registered_handlers() -> Dict[Type[nn.Module], LayerHandler]:
+    return dict(_REGISTRY)
+
+
+def repeat_rows(block: int, copies: int) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+    """Channel ``c`` owns rows ``c + k*block`` for ``k < copies`` (gate-stacked RNN weights)."""
+
+    def index(channels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(len(channels)).repeat(copies)
+        idx = torch.cat([channels + k * block for k in range(copies)])
+        return pos, idx
+
+    return index
+
+
+def modulo(period: int) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+    """Channel ``c`` owns index ``c % period`` (shared across groups)."""
+
+    def index(channels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return torch.arange(len(channels)), channels % period
+
+    return index
+
+
+def block_rows(rows_per_channel: int) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+    """Channel ``c`` owns rows ``c*r … c*r + r - 1`` (a depthwise conv with a channel multiplier)."""
+
+    def index(channels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        r = rows_per_channel
+        pos = torch.arange(len(channels)).repeat_interleave(r)
+        idx = (channels[:, None] * r + torch.arange(r)[None, :]).reshape(-1)
+        return pos, idx
+
+    return index
+
+
+def shift(offset: int) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+    def index(channels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return torch.arange(len(channels)), channels + offset
+
+    return index
+
+
+def _seq(x: Sequence[int]) -> torch.Tensor:
+    return torch.as_tensor(list(x), dtype=torch.long)

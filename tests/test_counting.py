@@ -1,0 +1,45 @@
+"""Each MAC handle against its closed form; latency returns its spread and thread count."""
+import pytest
+import torch
+from torch import nn
+
+import etp_graph as eg
+
+
+def test_linear_and_conv_closed_form():
+    assert eg.count_macs(nn.Linear(8, 4), torch.randn(3, 8)) == 3 * 8 * 4
+    conv = nn.Conv2d(3, 8, 3, bias=False)
+    assert eg.count_macs(conv, torch.randn(1, 3, 10, 10)) == 8 * 8 * (8 * 3 * 9)
+    g = nn.Conv2d(8, 8, 3, groups=4, bias=False)
+    assert eg.count_macs(g, torch.randn(1, 8, 5, 5)) == 3 * 3 * 8 * (2 * 9)
+
+
+@pytest.mark.parametrize("cell, gates", [(nn.LSTM, 4), (nn.GRU, 3)])
+def test_rnn_handle(cell, gates):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.r = cell(5, 7, num_layers=2, batch_first=True, bidirectional=True)
+
+        def forward(self, x):
+            return self.r(x)[0]
+    T, B = 3, 2
+    per_step = 2 * gates * 7 * (5 + 7) + 2 * gates * 7 * (14 + 7)
+    assert eg.count_macs(Net(), torch.randn(B, T, 5)) == T * B * per_step
+    assert eg.unsupported_ops(Net(), torch.randn(B, T, 5)) == {}
+
+
+def test_sdpa_handle():
+    class Att(nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    assert eg.count_macs(Att(), (q, k, v)) == 2 * 4 * 5 * 6 * (8 + 8)
+
+
+def test_latency_report():
+    r = eg.measure_latency(nn.Linear(16, 16), torch.randn(4, 16), warmup=1, repeat=5)
+    assert r["repeat"] == 5 and r["threads"] == torch.get_num_threads()
+    assert 0 < r["min_ms"] <= r["median_ms"] and r["iqr_ms"] >= 0
+    with pytest.raises(ValueError, match="repeat"):
+        eg.measure_latency(nn.Linear(2, 2), torch.randn(1, 2), repeat=0)
