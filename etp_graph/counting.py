@@ -82,9 +82,8 @@ def _analysis(model: nn.Module, example_inputs: Any) -> FlopCountAnalysis:
     inputs = example_inputs if isinstance(example_inputs, tuple) else (
         tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,))
     if isinstance(example_inputs, dict):
-        raise TypeError("count_macs takes a Tensor or a tuple of positional arguments; for keyword "
-                        "inputs wrap the model: lambda-free wrappers such as "
-                        "etp_graph.counting.KwargsModel(model, keys)")
+        raise TypeError("count_macs takes a Tensor or a tuple of positional arguments, got a dict; "
+                        "pass the keyword inputs positionally, in the order model.forward takes them")
     fca = FlopCountAnalysis(model, inputs)
     fca.set_op_handle(**MAC_HANDLES)
     fca.set_op_handle(**{op: None for op in FREE_OPS if op not in fca._op_handles})

@@ -487,7 +487,7 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
             with torch.no_grad():
                 forward(model, example_inputs)
         except Exception as e:
-            raise ValueError(f"the model cannot run on example_inputs ({type(e).__name__}: {e}); pass a "
+            raise TraceError(f"the model cannot run on example_inputs ({type(e).__name__}: {e}); pass a "
                              "Tensor, a tuple of positional arguments or a dict of keyword arguments "
                              "that model(...) accepts") from e
         dg = _build_backend(model, example_inputs)

@@ -16,7 +16,7 @@ A *handler* answers, for one family of modules, three questions and nothing else
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Callable, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -123,17 +123,6 @@ def registered_handlers() -> Dict[Type[nn.Module], LayerHandler]:
     return dict(_REGISTRY)
 
 
-def repeat_rows(block: int, copies: int) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
-    """Channel ``c`` owns rows ``c + k*block`` for ``k < copies`` (gate-stacked RNN weights)."""
-
-    def index(channels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(len(channels)).repeat(copies)
-        idx = torch.cat([channels + k * block for k in range(copies)])
-        return pos, idx
-
-    return index
-
-
 def modulo(period: int) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
     """Channel ``c`` owns index ``c % period`` (shared across groups)."""
 
@@ -141,26 +130,3 @@ def modulo(period: int) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Te
         return torch.arange(len(channels)), channels % period
 
     return index
-
-
-def block_rows(rows_per_channel: int) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
-    """Channel ``c`` owns rows ``c*r … c*r + r - 1`` (a depthwise conv with a channel multiplier)."""
-
-    def index(channels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        r = rows_per_channel
-        pos = torch.arange(len(channels)).repeat_interleave(r)
-        idx = (channels[:, None] * r + torch.arange(r)[None, :]).reshape(-1)
-        return pos, idx
-
-    return index
-
-
-def shift(offset: int) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
-    def index(channels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return torch.arange(len(channels)), channels + offset
-
-    return index
-
-
-def _seq(x: Sequence[int]) -> torch.Tensor:
-    return torch.as_tensor(list(x), dtype=torch.long)
