@@ -28,6 +28,7 @@ import torch_pruning as tp
 import torch.utils._pytree as pytree
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch_pruning import _helpers as tp_helpers
 from torch_pruning import ops as tp_ops
 from torch_pruning.dependency.index_mapping import _ConcatIndexMapping, _FlattenIndexMapping
 from torch_pruning.pruner import function as tp_function
@@ -57,6 +58,14 @@ Alias ToCopy Mean Sum Select Index Addcmul Addcdiv Where MaskedFill
 """.split())
 
 _PAD = "ConstantPadNd"
+
+
+def _saved_dim(value: int, rank: int) -> int:
+    """A dim saved by autograd, made non-negative (negative dims come back as unsigned 64-bit)."""
+    value = int(value)
+    if value >= 2 ** 63:
+        value -= 2 ** 64
+    return value % rank
 
 
 def _op_name(grad_fn) -> str:
@@ -210,6 +219,35 @@ class _ShapeRecorder(TorchFunctionMode):
         return out
 
 
+_BACKEND_MAPS = ("update_concat_index_mapping", "update_split_index_mapping", "update_reshape_index_mapping",
+                 "update_unbind_index_mapping", "update_expand_index_mapping", "update_slice_index_mapping")
+
+
+@contextlib.contextmanager
+def _tolerant_backend():
+    """While we trace, a backend index map that raises (it infers concat sizes by walking the
+    graph and can fail) marks its node instead of aborting the whole trace. We own the maps of
+    concat/split/reshape from recorded shapes afterwards; a group through a node whose map is
+    still broken is refused with the backend's error."""
+    from torch_pruning.dependency import index_mapping as im
+    originals = {name: getattr(im, name) for name in _BACKEND_MAPS}
+
+    def tolerant(fn):
+        def update(graph, node):
+            try:
+                fn(graph, node)
+            except Exception as e:  # noqa: BLE001 - reported on the groups through this node
+                node._etp_backend_error = f"the tracer backend could not map {type(node.module).__name__}: {e}"
+        return update
+    for name, fn in originals.items():
+        setattr(im, name, tolerant(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(im, name, fn)
+
+
 def _build_backend(model: nn.Module, example_inputs) -> Any:
     dg = tp.DependencyGraph()
     recorder = _ShapeRecorder()
@@ -223,6 +261,7 @@ def _build_backend(model: nn.Module, example_inputs) -> Any:
     _map_channel_pads(dg)
     _map_reshapes(dg)
     _map_concats(dg)
+    _map_splits(dg)
     return dg
 
 
@@ -232,8 +271,10 @@ def _shape(node) -> Optional[Tuple[int, ...]]:
 
 def _own(node) -> None:
     """Take an op's index maps over from the backend (it recomputes the maps of its own types)."""
+    node._etp_type = getattr(node, "_etp_type", node.type)
     node.type = tp_ops.OPTYPE.ELEMENTWISE
     node._etp_owned = True
+    node._etp_backend_error = None   # our map replaces the backend's
 
 
 def _set_maps(node, inp, to_input, from_input) -> None:
@@ -246,25 +287,145 @@ def _set_maps(node, inp, to_input, from_input) -> None:
             dep.index_mapping[:] = [from_input, None]
 
 
+def _channel_dim(node, rank: int) -> Optional[int]:
+    """The channel dimension of ``node``'s output: 1, except for 3-D token tensors ``(B, L, C)``.
+
+    For a 3-D tensor it is decided by the nearest layer upstream (a Conv1d/BatchNorm1d writes
+    ``(B, C, L)``, a Linear/LayerNorm ``(B, L, C)``); ``None`` when a dimension move or reshape
+    comes first and the answer is unknown."""
+    if rank != 3:
+        return 1 if rank >= 2 else None
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        m = n.module
+        h = get_handler(m) if isinstance(m, nn.Module) else None
+        if h is not None:
+            return 2 if h.channel_last else 1
+        if n is not node and (n.type == tp_ops.OPTYPE.RESHAPE or (
+                n.grad_fn is not None and _op_name(n.grad_fn) in ("Permute", "Transpose", "T"))):
+            return None
+        for p in n.inputs:
+            if p not in seen:
+                seen.add(p)
+                stack.append(p)
+    return None
+
+
+class _PermuteIndexMapping:
+    """Channel ``i`` goes to position ``perm[i]`` (a channel shuffle)."""
+
+    def __init__(self, perm: Sequence[int]):
+        self.perm = list(perm)
+
+    def __call__(self, idxs):
+        return [tp_helpers._HybridIndex(idx=self.perm[i.idx], root_idx=i.root_idx) for i in idxs]
+
+
+class _SpanIndexMapping:
+    """A consumer of the split parts at ``spans`` (``[start, end)`` of the split input's channels).
+
+    A consumer of several parts (``a * b`` of a GLU's halves) maps its channel ``j`` to ``j`` in
+    every part it reads, so channels that meet there are coupled."""
+
+    def __init__(self, spans: Sequence[Tuple[int, int]], to_input: bool):
+        self.spans, self.to_input = list(spans), to_input
+
+    def __call__(self, idxs):
+        H = tp_helpers._HybridIndex
+        if self.to_input:
+            out = {H(idx=i.idx + s, root_idx=i.root_idx) for i in idxs for s, e in self.spans if i.idx + s < e}
+        else:
+            out = {H(idx=i.idx - s, root_idx=i.root_idx) for i in idxs for s, e in self.spans if s <= i.idx < e}
+        # sorted and unique: the backend stops walking a cycle only when a list repeats exactly
+        return sorted(out, key=lambda h: (h.idx, -1 if h.root_idx is None else h.root_idx))
+
+
+def _moves(grad_fn) -> Optional[Tuple[int, ...]]:
+    """The dimension permutation of a transpose/permute op, or ``None`` for other ops."""
+    name = _op_name(grad_fn)
+    if name == "Transpose":
+        a, b = int(grad_fn._saved_dim0), int(grad_fn._saved_dim1)
+        return ("swap", a, b)
+    if name == "Permute":
+        return tuple(int(d) for d in grad_fn._saved_dims)
+    return None
+
+
+def _shuffle_source(node):
+    """For a reshape merging dims 1 and 2 back into channels: the channel-splitting view it undoes
+    and whether the two dims were swapped in between (``None`` when there is no such view)."""
+    swapped, n = False, node.inputs[0] if len(node.inputs) == 1 else None
+    while n is not None:
+        split = getattr(n, "_etp_split_view", None)
+        if split is not None:
+            return n, swapped
+        if n.grad_fn is None or len(n.inputs) != 1:
+            return None
+        mv = _moves(n.grad_fn)
+        if mv is not None:
+            rank = len(_shape(n) or ())
+            if not rank:
+                return None
+            if mv[0] == "swap":
+                if {_saved_dim(mv[1], rank), _saved_dim(mv[2], rank)} != {1, 2}:
+                    return None
+            elif [_saved_dim(d, rank) for d in mv] != [0, 2, 1] + list(range(3, rank)):
+                return None
+            swapped = not swapped
+        elif _op_name(n.grad_fn) not in ("Clone", "Alias", "ToCopy"):
+            return None
+        n = n.inputs[0]
+    return None
+
+
 def _map_reshapes(dg) -> None:
     """Flatten/view maps from the recorded shapes: channel ``c`` (dim 1) of the input covers
     indices ``[c·s, (c+1)·s)`` of the output's dim 1, ``s = prod(in[2:]) / prod(out[2:])``.
 
-    A reshape that merges channels (a channel shuffle's ``view(B, g, C/g, …)``) is marked so the
-    groups through it are refused instead of being mapped wrongly."""
-    for node in list(dg.module2node.values()):
-        if node.type != tp_ops.OPTYPE.RESHAPE or len(node.inputs) != 1:
-            continue
+    A channel shuffle (``view(B, g, C/g, …)`` → swap dims 1 and 2 → ``reshape(B, C, …)``) maps
+    channel ``a·C/g + b`` to ``b·g + a``. Any other reshape that merges channels is marked so
+    the groups through it are refused instead of being mapped wrongly."""
+    nodes = [n for n in dg.module2node.values() if n.type == tp_ops.OPTYPE.RESHAPE and len(n.inputs) == 1]
+    shapes = {}
+    for node in nodes:
         out, inp = _shape(node), _shape(node.inputs[0])
         if inp is None and hasattr(node.grad_fn, "_saved_self_sym_sizes"):
             inp = tuple(int(v) for v in node.grad_fn._saved_self_sym_sizes)
-        if out is None or inp is None or len(inp) == 3 or len(inp) < 2 or len(out) < 2 or inp[0] != out[0]:
+        if out is None or inp is None or len(inp) < 2 or len(out) < 2 or inp[0] != out[0]:
+            continue
+        if len(inp) == 3 and _channel_dim(node.inputs[0], 3) != 1:
             continue  # 3-D (B, L, C) token tensors keep the backend's map
-        p_in, p_out = math.prod(inp[2:]), math.prod(out[2:])
+        shapes[node] = (inp, out)
+        if len(out) == len(inp) + 1 and out[1] * out[2] == inp[1] and out[3:] == inp[2:]:
+            node._etp_split_view = (out[1], out[2])      # (B, C, …) -> (B, g, C/g, …)
+            node._etp_period = out[2]   # every one of the g parts must keep the same positions
+            _own(node)
+            _set_maps(node, node.inputs[0], None, None)
+    for node, (inp, out) in shapes.items():
+        if getattr(node, "_etp_split_view", None):
+            continue
         _own(node)
+        if len(out) == len(inp) - 1 and out[1] == inp[1] * inp[2] and out[2:] == inp[3:]:
+            found = _shuffle_source(node)
+            if found is None:
+                node._etp_refuse = (f"reshape {tuple(inp)} -> {tuple(out)} merges dims that no "
+                                    "channel-splitting view produced; its channel map is unknown")
+                continue
+            g, per = found[0]._etp_split_view
+            if not found[1]:
+                _set_maps(node, node.inputs[0], None, None)
+                continue
+            fwd = [(c % per) * g + c // per for c in range(g * per)]
+            inv = [0] * len(fwd)
+            for c, o in enumerate(fwd):
+                inv[o] = c
+            _set_maps(node, node.inputs[0], _PermuteIndexMapping(inv), _PermuteIndexMapping(fwd))
+            continue
+        p_in, p_out = math.prod(inp[2:]), math.prod(out[2:])
         if p_in % p_out:
-            node._etp_refuse = (f"reshape {tuple(inp)} -> {tuple(out)} merges channels (a channel "
-                                "shuffle or grouped view); its channel map is not supported")
+            node._etp_refuse = (f"reshape {tuple(inp)} -> {tuple(out)} merges channels with other "
+                                "dimensions; its channel map is not supported")
             continue
         stride = p_in // p_out
         if stride == 1:
@@ -281,20 +442,90 @@ def _map_concats(dg) -> None:
             continue
         shapes = [_shape(n) for n in node.inputs]
         dim = getattr(node.grad_fn, "_saved_dim", None)
-        if dim is None or any(s is None for s in shapes) or len(shapes[0]) == 3:
+        if dim is None or any(s is None for s in shapes):
             continue
-        dim %= len(shapes[0])
+        rank = len(shapes[0])
+        dim = _saved_dim(dim, rank)
+        cdim = _channel_dim(node, rank)
+        if cdim is None:
+            continue
         _own(node)
-        if dim != 1:   # concat along batch/space: channels stay where they are
+        if dim != cdim:   # concat along batch/space/time: channels stay where they are
             for n in node.inputs:
                 _set_maps(node, n, None, None)
             continue
         offsets = [0]
         for s in shapes:
-            offsets.append(offsets[-1] + s[1])
+            offsets.append(offsets[-1] + s[dim])
         for k, n in enumerate(node.inputs):
             span = offsets[k:k + 2]
             _set_maps(node, n, _ConcatIndexMapping(span, reverse=True), _ConcatIndexMapping(span, reverse=False))
+
+
+def _parts_read(consumer, split_fn, node_fns) -> Set[int]:
+    """Which outputs of the split op ``split_fn`` reach ``consumer`` (through its module's ops)."""
+    found, seen, stack = set(), set(), [consumer.grad_fn]
+    while stack:
+        fn = stack.pop()
+        for nxt, nr in getattr(fn, "next_functions", ()):
+            if nxt is None:
+                continue
+            if nxt is split_fn:
+                found.add(nr)
+            elif nxt not in node_fns and nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return found
+
+
+def _map_splits(dg) -> None:
+    """Split/chunk maps from the recorded sizes, on the tensor's channel dim (dim 1, or the last
+    dim of a ``(B, L, C)`` token tensor); each consumer gets the parts it actually reads."""
+    node_fns = {n.grad_fn for n in dg.module2node.values() if n.grad_fn is not None}
+    for node in list(dg.module2node.values()):
+        if node.type != tp_ops.OPTYPE.SPLIT or len(node.inputs) != 1 or node.grad_fn is None:
+            continue
+        fn = node.grad_fn
+        size = tuple(int(v) for v in getattr(fn, "_saved_self_sym_sizes", ()))
+        dim = getattr(fn, "_saved_dim", None)
+        if not size or dim is None:
+            continue
+        dim = _saved_dim(dim, len(size))
+        cdim = _channel_dim(node, len(size))
+        _own(node)
+        if cdim is None:
+            node._etp_refuse = (f"split of a {len(size)}-D tensor whose channel dimension is unknown "
+                                "(a permute or reshape comes before it)")
+            continue
+        if dim != cdim:
+            for out in node.outputs:
+                _set_maps(out, node, None, None)
+            continue
+        if hasattr(fn, "_saved_split_sizes"):
+            parts = [int(v) for v in fn._saved_split_sizes]
+            if len(set(parts)) > 1:
+                node._etp_refuse = (f"torch.split into fixed sizes {parts} on the channel dimension: "
+                                    "the forward hard-codes the part widths, so removing channels "
+                                    "breaks it (use chunk, or add the producing layer to ignored_layers)")
+                continue
+        else:
+            step = int(fn._saved_split_size)
+            parts = [min(step, size[dim] - k) for k in range(0, size[dim], step)]
+        if len(set(parts)) > 1:
+            node._etp_refuse = (f"chunk into unequal parts {parts} on the channel dimension; "
+                                "pruning would move the part boundaries")
+            continue
+        node._etp_period = parts[0]  # chunk(k) keeps k equal parts: a unit is one position in each
+        offsets = [0]
+        for p in parts:
+            offsets.append(offsets[-1] + p)
+        for out in node.outputs:
+            nrs = _parts_read(out, fn, node_fns - {out.grad_fn})
+            if not nrs:
+                node._etp_refuse = "a consumer of this split could not be matched to its parts"
+                continue
+            spans = [(offsets[k], offsets[k + 1]) for k in sorted(nrs)]
+            _set_maps(out, node, _SpanIndexMapping(spans, to_input=True), _SpanIndexMapping(spans, to_input=False))
 
 
 # ------------------------------------------------------------------------------ group making
@@ -320,8 +551,8 @@ def _shared_channel_merges(dg, module: nn.Module, tpg) -> List[Tuple[int, int]]:
 
     The backend merges the indices of a group by position and keeps one root per index, so this
     is found by following each root channel alone, only for groups that pass a split."""
-    if not any(it.dep.target.type in (tp_ops.OPTYPE.SPLIT, tp_ops.OPTYPE.UNBIND, tp_ops.OPTYPE.SLICE)
-               for it in tpg):
+    kinds = (tp_ops.OPTYPE.SPLIT, tp_ops.OPTYPE.UNBIND, tp_ops.OPTYPE.SLICE)
+    if not any(getattr(it.dep.target, "_etp_type", it.dep.target.type) in kinds for it in tpg):
         return []
     fn = tpg[0].dep.handler
     owner: Dict[Tuple[int, bool, int], int] = {}
@@ -362,7 +593,11 @@ def _make_group(dg, tpg, root_name: str, ignored: Set[nn.Module], gid: int, grap
             continue
         if getattr(node, "_etp_refuse", None):
             raise _Refused(node._etp_refuse)
+        if getattr(node, "_etp_backend_error", None):
+            raise _Refused(node._etp_backend_error)
         if getattr(node, "_etp_owned", False):
+            if getattr(node, "_etp_period", None):   # a view/chunk into equal parts
+                entries.append(_Entry(None, "", "out", idxs, root_idxs, [], node._etp_period))
             ops.append(type(mod).__name__.strip("_").split("Op")[0].split("_")[0])
             continue
         if isinstance(mod, tp_ops._ElementWiseOp):
@@ -483,53 +718,58 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
     was_training = model.training
     model.eval()
     try:
-        try:
-            with torch.no_grad():
-                forward(model, example_inputs)
-        except Exception as e:
-            raise TraceError(f"the model cannot run on example_inputs ({type(e).__name__}: {e}); pass a "
-                             "Tensor, a tuple of positional arguments or a dict of keyword arguments "
-                             "that model(...) accepts") from e
-        dg = _build_backend(model, example_inputs)
-        graph = ChannelGraph(model, [], [], {}, [], {})
-        visited: Set[nn.Module] = set()
-        for name, m in _root_modules(model, dg, ignored):
-            if m in visited:
-                continue
-            try:
-                tpg = _all_units(dg, m)
-            except Exception as e:  # the backend's index maps broke on this group
-                graph.skipped.append(SkippedGroup(name, f"the tracer backend failed on it: {type(e).__name__}: {e}"))
-                visited.add(m)
-                continue
-            if tpg is None:
-                continue
-            for item in tpg:
-                if dg.is_out_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, nn.Module):
-                    visited.add(item.dep.target.module)
-            try:
-                group = _make_group(dg, tpg, name, ignored, len(graph.groups), graph,
-                                    _shared_channel_merges(dg, m, tpg))
-            except _Refused as r:
-                graph.skipped.append(SkippedGroup(name, str(r)))
-                continue
-            unknown = [o for o in group.ops if o not in HARMLESS_OPS and o not in _HANDLED_OPS]
-            if validate:
-                problem = check_group(model, example_inputs, group)
-                if problem:
-                    graph.skipped.append(SkippedGroup(name, problem))
-                    continue
-            elif unknown:
-                graph.skipped.append(SkippedGroup(name, f"passes through unverified ops {unknown}; "
-                                                        "trace with validate=True to verify it"))
-                continue
-            for o in unknown:
-                graph.unknown_ops.setdefault(o, []).append(group.id)
-            graph.groups.append(group)
-        graph._nodes, graph._edges = _layer_graph(dg)
-        return graph
+        with _tolerant_backend():
+            return _trace(model, example_inputs, ignored, validate)
     finally:
         model.train(was_training)
+
+
+def _trace(model, example_inputs, ignored, validate) -> ChannelGraph:
+    try:
+        with torch.no_grad():
+            forward(model, example_inputs)
+    except Exception as e:
+        raise TraceError(f"the model cannot run on example_inputs ({type(e).__name__}: {e}); pass a "
+                         "Tensor, a tuple of positional arguments or a dict of keyword arguments "
+                         "that model(...) accepts") from e
+    dg = _build_backend(model, example_inputs)
+    graph = ChannelGraph(model, [], [], {}, [], {})
+    visited: Set[nn.Module] = set()
+    for name, m in _root_modules(model, dg, ignored):
+        if m in visited:
+            continue
+        try:
+            tpg = _all_units(dg, m)
+        except Exception as e:  # the backend's index maps broke on this group
+            graph.skipped.append(SkippedGroup(name, f"the tracer backend failed on it: {type(e).__name__}: {e}"))
+            visited.add(m)
+            continue
+        if tpg is None:
+            continue
+        for item in tpg:
+            if dg.is_out_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, nn.Module):
+                visited.add(item.dep.target.module)
+        try:
+            group = _make_group(dg, tpg, name, ignored, len(graph.groups), graph,
+                                _shared_channel_merges(dg, m, tpg))
+        except _Refused as r:
+            graph.skipped.append(SkippedGroup(name, str(r)))
+            continue
+        unknown = [o for o in group.ops if o not in HARMLESS_OPS and o not in _HANDLED_OPS]
+        if validate:
+            problem = check_group(model, example_inputs, group)
+            if problem:
+                graph.skipped.append(SkippedGroup(name, problem))
+                continue
+        elif unknown:
+            graph.skipped.append(SkippedGroup(name, f"passes through unverified ops {unknown}; "
+                                                    "trace with validate=True to verify it"))
+            continue
+        for o in unknown:
+            graph.unknown_ops.setdefault(o, []).append(group.id)
+        graph.groups.append(group)
+    graph._nodes, graph._edges = _layer_graph(dg)
+    return graph
 
 
 _HANDLED_OPS = frozenset({"Concat", "Split", "Reshape", "Unbind", "Expand", "Slice", _PAD, "_Opaque"})

@@ -15,6 +15,7 @@ from .base import LayerHandler, register_handler
 @register_handler
 class MultiheadAttentionHandler(LayerHandler):
     module_types = (nn.MultiheadAttention,)
+    channel_last = True
 
     def unsupported(self, m, role):
         return ("nn.MultiheadAttention ties its input width to its q/k/v width (embed_dim); "

@@ -59,6 +59,8 @@ class LayerHandler:
     can_root: ClassVar[bool] = False
     #: The tracer backend has no (correct) support for this family: it gets a leaf adapter.
     backend_lacks: ClassVar[bool] = False
+    #: Channels on the last dimension of a 3-D output (tokens ``(B, L, C)``), not on dim 1.
+    channel_last: ClassVar[bool] = False
 
     def traced_as_leaf(self, module: nn.Module) -> bool:
         """Hide the module's internal ops from the tracer: its outputs depend on its inputs only."""

@@ -10,6 +10,7 @@ from .base import LayerHandler, TensorSlice, register_handler
 class EmbeddingHandler(LayerHandler):
     module_types = (nn.Embedding,)
     can_root = True
+    channel_last = True
 
     def slices(self, m, role):
         return [TensorSlice("weight", 1)] if role == "out" else []

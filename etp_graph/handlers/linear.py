@@ -10,6 +10,7 @@ from .base import LayerHandler, TensorSlice, register_handler
 class LinearHandler(LayerHandler):
     module_types = (nn.Linear,)
     can_root = True
+    channel_last = True
 
     def slices(self, m, role):
         if role == "out":

@@ -33,6 +33,7 @@ class BatchNormHandler(LayerHandler):
 class LayerNormHandler(LayerHandler):
     module_types = (nn.LayerNorm, nn.RMSNorm)
     exact_when_masked = False
+    channel_last = True
 
     def slices(self, m, role):
         if getattr(m, "weight", None) is None:

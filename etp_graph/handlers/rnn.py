@@ -37,6 +37,7 @@ def _hidden_cols(direction: int, hidden: int) -> Callable:
 class RNNHandler(LayerHandler):
     module_types = (nn.LSTM, nn.GRU)
     can_root = True
+    channel_last = True
     backend_lacks = True  # the backend's LSTM support is wrong and it has none for GRU
 
     @staticmethod
