@@ -2,10 +2,18 @@
 from . import handlers, zoo
 from .counting import count_macs, count_params, measure_latency, unsupported_ops
 from .graph import ChannelGraph, CoupledGroup, SkippedGroup, TraceError, trace
+from .importance import ETPImportance, ETPRegularizedPruner
+from .io import load_pruned, save_pruned
+from .pruner import ETPPruner, GroupResult, PruneReport
+from .torque import ETP, ETPConfig, Regularizer, Torque, make_regularizer
 
 __all__ = [
     "trace", "ChannelGraph", "CoupledGroup", "SkippedGroup", "TraceError",
+    "ETPConfig", "Regularizer", "ETP", "Torque", "make_regularizer",
+    "ETPPruner", "PruneReport", "GroupResult",
+    "ETPImportance", "ETPRegularizedPruner",
     "count_macs", "count_params", "measure_latency", "unsupported_ops",
+    "save_pruned", "load_pruned",
     "handlers", "zoo",
 ]
 __version__ = "0.1.0"

@@ -78,12 +78,23 @@ aten::prelu aten::unflatten aten::gelu_ aten::softplus
 """.split())
 
 
+class _KeywordCall(nn.Module):
+    """Calls ``model(**dict(zip(keys, args)))``: fvcore traces positional inputs only."""
+
+    def __init__(self, model: nn.Module, keys):
+        super().__init__()
+        self.model, self.keys = model, list(keys)
+
+    def forward(self, *args):
+        return self.model(**dict(zip(self.keys, args)))
+
+
 def _analysis(model: nn.Module, example_inputs: Any) -> FlopCountAnalysis:
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (
-        tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,))
     if isinstance(example_inputs, dict):
-        raise TypeError("count_macs takes a Tensor or a tuple of positional arguments, got a dict; "
-                        "pass the keyword inputs positionally, in the order model.forward takes them")
+        model, inputs = _KeywordCall(model, example_inputs.keys()), tuple(example_inputs.values())
+    else:
+        inputs = example_inputs if isinstance(example_inputs, tuple) else (
+            tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,))
     fca = FlopCountAnalysis(model, inputs)
     fca.set_op_handle(**MAC_HANDLES)
     fca.set_op_handle(**{op: None for op in FREE_OPS if op not in fca._op_handles})

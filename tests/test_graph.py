@@ -35,7 +35,7 @@ def test_unit_norms_closed_form():
     grp = eg.trace(m, X, ignored_layers=[m[6]]).groups[0]
     conv, bn, nxt = m[0], m[1], m[3]
     expect = (conv.weight.pow(2).sum((1, 2, 3)) + conv.bias.pow(2) + bn.weight.pow(2) + bn.bias.pow(2)
-              + bn.running_mean.pow(2) + bn.running_var.pow(2) + nxt.weight.pow(2).sum((0, 2, 3))).sqrt()
+              + nxt.weight.pow(2).sum((0, 2, 3))).sqrt()      # running stats are buffers: not counted
     assert torch.allclose(grp.unit_norms(), expect)
     # the flatten → Linear group: each unit owns 16 input columns of the head
     grp2 = eg.trace(m, X, ignored_layers=[m[6]]).groups[1]

@@ -27,6 +27,13 @@ class SliceItem:
     module: Optional[str]
     role: str
     channel: torch.Tensor
+    #: unique (unit, index) pairs, cached for the regulariser; reset when the item is renumbered
+    pairs: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False, compare=False)
+
+    def unique_pairs(self) -> torch.Tensor:
+        if self.pairs is None:
+            self.pairs = torch.unique(torch.stack([self.unit, self.index]), dim=1)
+        return self.pairs
 
 
 def _resolve(model: nn.Module, name: str) -> nn.Module:
@@ -99,24 +106,37 @@ class CoupledGroup:
 
     # ---------------------------------------------------------------------------- operations
     def unit_norms(self, model: Optional[nn.Module] = None) -> torch.Tensor:
-        """``Tensor[size]``: per unit, the L2 norm over every coupled slice (differentiable).
+        """``Tensor[size]``: per unit, the L2 norm over every coupled parameter slice (differentiable).
 
-        A tensor index shared by several channels of one unit (a grouped convolution's weight
-        column) is counted once.
+        Weights, biases, norm affine parameters and the next layers' input slices count; buffers
+        (BatchNorm running statistics) do not, as training cannot move them. A tensor index shared
+        by several channels of one unit (a grouped convolution's weight column) is counted once.
         """
+        return self.unit_sums(model, "l2").sqrt()
+
+    def unit_sums(self, model: Optional[nn.Module] = None, norm: str = "l2") -> torch.Tensor:
+        """``Tensor[size]``: per unit, ``Σ θ²`` (``norm="l2"``) or ``Σ |θ|`` (``"l1"``) over every
+        coupled parameter slice; differentiable, no square root (its gradient at 0 is undefined)."""
         model = self._graph.model if model is None else model
-        sq = None
-        for it in self.items:
-            t = getattr(_resolve(model, it.owner), it.attr)
+        total = None
+        for it, t, pairs in self.parameter_slices(model):
             dims = [d for d in range(t.dim()) if d != it.dim]
-            per_index = t.pow(2).sum(dim=dims) if dims else t.pow(2)
-            pairs = torch.unique(torch.stack([it.unit, it.index]), dim=1)
+            per_elem = t.pow(2) if norm == "l2" else t.abs()
+            per_index = per_elem.sum(dim=dims) if dims else per_elem
             contrib = torch.zeros(self.size, dtype=t.dtype, device=t.device).index_add(
                 0, pairs[0].to(t.device), per_index[pairs[1].to(t.device)])
-            sq = contrib if sq is None else sq + contrib
-        if sq is None:
-            return torch.zeros(self.size)
-        return sq.sqrt()
+            total = contrib if total is None else total + contrib
+        return torch.zeros(self.size) if total is None else total
+
+    def parameter_slices(self, model: Optional[nn.Module] = None):
+        """``(item, parameter, pairs)`` for every slice that is a parameter; ``pairs`` is the
+        ``2 × K`` tensor of unique ``(unit, index)`` pairs of the item."""
+        model = self._graph.model if model is None else model
+        for it in self.items:
+            t = getattr(_resolve(model, it.owner), it.attr)
+            if not isinstance(t, nn.Parameter):
+                continue
+            yield it, t, it.unique_pairs()
 
     @torch.no_grad()
     def zero_(self, indices: Iterable[int], model: Optional[nn.Module] = None) -> None:
@@ -197,6 +217,7 @@ class CoupledGroup:
             it.unit = unit_map[it.unit[keep]]
             ch = it.channel[keep]
             it.channel = ch - torch.searchsorted(lost[(it.module, it.role)], ch)
+            it.pairs = None
         self._size = len(kept)
 
 

@@ -1,0 +1,153 @@
+"""CIFAR-10/100 loaders into memory (uint8 tensors) and the few transforms training needs.
+
+Accepted layouts (``root`` is a folder or a file):
+
+* the JPEG zip of ``../shared/data/cifar10_jpeg/cifar10_jpeg.zip``
+  (``train/<class>/*.jpg``, ``test/<class>/*.jpg``; sorted class names are the labels), or the
+  same tree unpacked;
+* torchvision's pickled folders: ``cifar-10-batches-py/`` (``data_batch_1..5``, ``test_batch``)
+  and ``cifar-100-python/`` (``train``, ``test``; fine labels).
+
+Nothing is downloaded; a missing data set raises ``FileNotFoundError`` naming what was looked for.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+__all__ = ["load_cifar", "default_data_dir", "normalize", "augment", "batches", "CIFAR_MEAN", "CIFAR_STD"]
+
+#: the normalisation the pretrained CIFAR ResNets (akamaster/pytorch_resnet_cifar10) were trained with
+CIFAR_MEAN = (0.485, 0.456, 0.406)
+CIFAR_STD = (0.229, 0.224, 0.225)
+
+
+def default_data_dir() -> Path:
+    """``$ETP_GRAPH_DATA`` or ``../shared/data`` beside the repository checkout."""
+    env = os.environ.get("ETP_GRAPH_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _decode_jpegs(names: List[str], read) -> np.ndarray:
+    from PIL import Image
+    out = np.empty((len(names), 32, 32, 3), dtype=np.uint8)
+    for k, n in enumerate(names):
+        with Image.open(io.BytesIO(read(n))) as im:
+            out[k] = np.asarray(im.convert("RGB"))
+    return out
+
+
+def _from_jpeg_tree(names: List[str], read, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    files = sorted(n for n in names if n.lower().endswith((".jpg", ".jpeg"))
+                   and len(Path(n).parts) >= 3 and Path(n).parts[-3] == split)
+    if not files:
+        raise FileNotFoundError(f"no {split}/<class>/*.jpg images found")
+    classes = sorted({Path(n).parts[-2] for n in files})
+    labels = torch.tensor([classes.index(Path(n).parts[-2]) for n in files], dtype=torch.long)
+    return torch.from_numpy(_decode_jpegs(files, read)), labels
+
+
+def _from_pickles(folder: Path, split: str, fine: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    if fine:
+        files = [folder / ("train" if split == "train" else "test")]
+    else:
+        files = [folder / f"data_batch_{i}" for i in range(1, 6)] if split == "train" else [folder / "test_batch"]
+    xs, ys = [], []
+    for f in files:
+        with open(f, "rb") as fh:
+            d = pickle.load(fh, encoding="latin1")
+        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.extend(d["fine_labels" if fine else "labels"])
+    return torch.from_numpy(np.concatenate(xs)), torch.tensor(ys, dtype=torch.long)
+
+
+def load_cifar(root: Optional[Union[str, Path]] = None, split: str = "train", name: str = "cifar10",
+               limit: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Images ``uint8 [N, 32, 32, 3]`` and labels ``long [N]`` of a CIFAR split.
+
+    Args:
+        root: a data folder or file (default :func:`default_data_dir`); searched for the layouts
+            in the module docstring.
+        split: ``"train"`` or ``"test"``.
+        name: ``"cifar10"`` or ``"cifar100"``.
+        limit: keep the first ``limit`` images of each class-balanced ordering (for quick runs).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if name not in ("cifar10", "cifar100"):
+        raise ValueError(f"name must be 'cifar10' or 'cifar100', got {name!r}")
+    root = Path(root) if root is not None else default_data_dir()
+    tried = []
+    pickled = "cifar-100-python" if name == "cifar100" else "cifar-10-batches-py"
+    for folder in (root / pickled, root):
+        tried.append(str(folder / ("train" if name == "cifar100" else "data_batch_1")))
+        if (folder / ("train" if name == "cifar100" else "data_batch_1")).is_file():
+            x, y = _from_pickles(folder, split, fine=name == "cifar100")
+            return _limit(x, y, limit)
+    if name == "cifar10":
+        for z in (root, root / "cifar10_jpeg.zip", root / "cifar10_jpeg" / "cifar10_jpeg.zip"):
+            tried.append(str(z))
+            if z.is_file() and zipfile.is_zipfile(z):
+                with zipfile.ZipFile(z) as zf:
+                    x, y = _from_jpeg_tree(zf.namelist(), zf.read, split)
+                return _limit(x, y, limit)
+        for d in (root, root / "cifar10_jpeg"):
+            tried.append(str(d / split))
+            if (d / split).is_dir():
+                names = [str(p.relative_to(d)) for p in (d / split).rglob("*") if p.is_file()]
+                x, y = _from_jpeg_tree(names, lambda n, d=d: (d / n).read_bytes(), split)
+                return _limit(x, y, limit)
+    raise FileNotFoundError(f"{name} {split} data not found; looked for: {', '.join(tried)}. Put torchvision's "
+                            f"'{pickled}' folder (or, for CIFAR-10, the JPEG zip) there, or set ETP_GRAPH_DATA")
+
+
+def _limit(x, y, limit):
+    if limit is None or limit >= len(y):
+        return x, y
+    g = torch.Generator().manual_seed(0)
+    keep = torch.randperm(len(y), generator=g)[:limit].sort().values
+    return x[keep], y[keep]
+
+
+def normalize(images: torch.Tensor, mean=CIFAR_MEAN, std=CIFAR_STD) -> torch.Tensor:
+    """``uint8 [N, H, W, 3]`` → ``float [N, 3, H, W]``, scaled to [0, 1] and standardised."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop after zero padding by ``pad`` and random horizontal flip, per image."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))              # [n, h]
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))              # [n, w]
+    flip = torch.rand(n, generator=generator) < 0.5
+    cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
+    idx_n = torch.arange(n).view(n, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]   # [n, h, w, c]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def batches(n: int, batch_size: int, generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+    """Index batches over ``n`` items: shuffled (forever) with a generator, else once in order."""
+    if generator is None:
+        for s in range(0, n, batch_size):
+            yield torch.arange(s, min(s + batch_size, n))
+        return
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for s in range(0, n - batch_size + 1, batch_size):
+            yield perm[s:s + batch_size]

@@ -1,0 +1,239 @@
+"""``ETPPruner``: trace → regularise (training) → rank → remove coupled units → report.
+
+Usage in a user's own loop::
+
+    pruner = eg.ETPPruner(model, x, ignored_layers=[model.fc],
+                          config=eg.ETPConfig(beta=1e-4), target_speedup=2.0)
+    for images, labels in loader:
+        loss = F.cross_entropy(model(images), labels) + pruner.penalty()
+        opt.zero_grad(); loss.backward(); opt.step()
+    report = pruner.step()      # atomic: on any error the model is unchanged
+    print(report)
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+from .counting import count_macs, count_params, measure_latency as _measure_latency
+from .graph import CoupledGroup, trace
+from .graph.group import _restore, _snapshot
+from .importance import removal_order
+from .torque import ETPConfig, Regularizer, make_regularizer
+
+__all__ = ["ETPPruner", "PruneReport", "GroupResult"]
+
+#: ``target_speedup`` is reached within this relative margin (MACs are counted, not estimated).
+SPEEDUP_TOLERANCE = 0.03
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupResult:
+    root: str
+    units_before: int
+    units_after: int
+    removed: List[int]
+
+
+@dataclasses.dataclass
+class PruneReport:
+    """What :meth:`ETPPruner.step` did; ``print(report)`` gives a table."""
+
+    target: str
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    groups: List[GroupResult]
+    latency_before: Optional[Dict[str, float]] = None
+    latency_after: Optional[Dict[str, float]] = None
+
+    @property
+    def speedup(self) -> float:
+        """MACs speed-up, ``macs_before / macs_after``."""
+        return self.macs_before / max(self.macs_after, 1)
+
+    @property
+    def units_kept(self) -> Dict[str, int]:
+        return {g.root: g.units_after for g in self.groups}
+
+    def __str__(self) -> str:
+        rows = [("", "before", "after", "ratio"),
+                ("MACs", f"{self.macs_before:,}", f"{self.macs_after:,}", f"{self.speedup:.2f}x"),
+                ("params", f"{self.params_before:,}", f"{self.params_after:,}",
+                 f"{self.params_before / max(self.params_after, 1):.2f}x")]
+        if self.latency_before and self.latency_after:
+            b, a = self.latency_before["median_ms"], self.latency_after["median_ms"]
+            rows.append((f"latency ms (median, {self.latency_before['threads']} threads)",
+                         f"{b:.2f}", f"{a:.2f}", f"{b / a:.2f}x"))
+        w = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [f"ETP prune ({self.target})"]
+        lines += ["  ".join(r[i].rjust(w[i]) if i else r[i].ljust(w[i]) for i in range(4)) for r in rows]
+        kept = sum(g.units_after for g in self.groups)
+        total = sum(g.units_before for g in self.groups)
+        lines.append(f"units kept: {kept}/{total} in {len(self.groups)} groups")
+        lines += [f"  {g.root}: {g.units_before} -> {g.units_after}" for g in self.groups
+                  if g.units_after != g.units_before]
+        return "\n".join(lines)
+
+
+class ETPPruner:
+    """ETP regularisation and pruning over the coupled groups of any model.
+
+    Args:
+        model: the model; pruned in place by :meth:`step`.
+        example_inputs: a Tensor, a tuple of positional arguments or a dict of keyword arguments.
+        ignored_layers: modules never pruned or regularised (the task head).
+        config: :class:`ETPConfig` (default ``ETPConfig(beta=1e-4)``).
+        pruning_ratio: remove this fraction of the units of every group (lowest importance first).
+        target_speedup: remove units globally, by importance per MAC saved, until the fvcore MACs
+            speed-up reaches this (within 3 %).
+        threshold: remove the units whose normalised norm (unit norm / largest unit norm of its
+            group) is below this.
+
+    Exactly one of ``pruning_ratio``, ``target_speedup``, ``threshold`` must be given.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterable[nn.Module]] = None,
+                 config: Optional[ETPConfig] = None, pruning_ratio: Optional[float] = None,
+                 target_speedup: Optional[float] = None, threshold: Optional[float] = None):
+        given = {k: v for k, v in (("pruning_ratio", pruning_ratio), ("target_speedup", target_speedup),
+                                   ("threshold", threshold)) if v is not None}
+        if len(given) != 1:
+            raise ValueError("give exactly one of pruning_ratio, target_speedup, threshold; got "
+                             f"{sorted(given) or 'none'}")
+        (self.mode, self.amount), = given.items()
+        if self.mode == "pruning_ratio" and not 0 < pruning_ratio < 1:
+            raise ValueError(f"pruning_ratio must be in (0, 1), got {pruning_ratio}")
+        if self.mode == "target_speedup" and not target_speedup > 1:
+            raise ValueError(f"target_speedup must be > 1, got {target_speedup}")
+        if self.mode == "threshold" and not 0 < threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1) (it is relative to each group's largest "
+                             f"unit norm), got {threshold}")
+        self.config = config if config is not None else ETPConfig(beta=1e-4)
+        if not isinstance(self.config, ETPConfig):
+            raise TypeError(f"config must be an etp_graph.ETPConfig, got {type(self.config).__name__}")
+        self.model = model
+        self.example_inputs = example_inputs
+        self.ignored_layers = list(ignored_layers) if ignored_layers is not None else []
+        self._build()
+
+    def _build(self) -> None:
+        self.graph = trace(self.model, self.example_inputs, self.ignored_layers)
+        self.regularizer: Regularizer = make_regularizer(self.graph.groups, self.config, self.model)
+
+    # ------------------------------------------------------------------------------ training
+    def penalty(self) -> torch.Tensor:
+        """The ETP penalty (differentiable); add it to the task loss."""
+        return self.regularizer.penalty()
+
+    def apply_(self) -> None:
+        """Add the penalty's gradient to ``.grad`` (call after ``loss.backward()``)."""
+        self.regularizer.apply_()
+
+    # ------------------------------------------------------------------------------ ranking
+    def importance(self, group: CoupledGroup) -> torch.Tensor:
+        """``Tensor[size]``: the unit's coupled norm (L2, or L1 sum for ``norm="l1"``)."""
+        with torch.no_grad():
+            s = group.unit_sums(self.model, self.config.norm)
+        return s.sqrt() if self.config.norm == "l2" else s
+
+    def _order(self, group: CoupledGroup) -> torch.Tensor:
+        return removal_order(self.importance(group), self.config.pivot_of(group.size))
+
+    def plan(self) -> Dict[int, List[int]]:
+        """Group id → units to remove, for the configured target; changes nothing."""
+        if self.mode == "pruning_ratio":
+            return {g.id: sorted(self._order(g)[: min(int(self.amount * g.size), g.size - 1)].tolist())
+                    for g in self.graph.groups}
+        if self.mode == "threshold":
+            out = {}
+            for g in self.graph.groups:
+                imp = self.importance(g)
+                rel = imp / imp.max().clamp_min(torch.finfo(imp.dtype).tiny)
+                order = self._order(g)
+                out[g.id] = sorted(int(u) for u in order[: g.size - 1] if rel[u] < self.amount)
+            return out
+        return self._plan_speedup(self.amount)
+
+    def _macs(self, model: nn.Module) -> int:
+        return count_macs(model, self.example_inputs)
+
+    def _cut_copy(self, plan: Dict[int, List[int]]) -> nn.Module:
+        clone = copy.deepcopy(self.model)
+        for g in self.graph.groups:
+            units = plan.get(g.id)
+            if units:
+                g._cut(clone, torch.tensor(sorted(units), dtype=torch.long))
+        return clone
+
+    def _plan_speedup(self, target: float) -> Dict[int, List[int]]:
+        base = self._macs(self.model)
+        groups = [g for g in self.graph.groups if g.size > 1]
+        orders = {g.id: self._order(g).tolist() for g in groups}
+        candidates = []
+        for g in groups:
+            order = orders[g.id]
+            saved = base - self._macs(self._cut_copy({g.id: [order[0]]}))
+            imp = self.importance(g)
+            rel = imp / imp.max().clamp_min(torch.finfo(imp.dtype).tiny)
+            for k, u in enumerate(order[:-1]):   # keep at least one unit per group
+                candidates.append((float(rel[u]) / max(saved, 1) * base, k, g.id, u))
+        candidates.sort(key=lambda c: (c[0], c[1]))
+
+        def plan_of(n: int) -> Dict[int, List[int]]:
+            plan: Dict[int, List[int]] = {}
+            for _, _, gid, u in candidates[:n]:
+                plan.setdefault(gid, []).append(u)
+            return plan
+
+        def speedup(n: int) -> float:
+            return base / max(self._macs(self._cut_copy(plan_of(n))), 1)
+
+        best = speedup(len(candidates)) if candidates else 1.0
+        if best < target:
+            raise ValueError(f"target_speedup={target} is unreachable: removing every unit but one in "
+                             f"each of the {len(self.graph.groups)} groups gives {best:.2f}x; the model "
+                             "is unchanged")
+        lo, hi = 0, len(candidates)       # speedup(lo) < target <= speedup(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if speedup(mid) >= target:
+                hi = mid
+            else:
+                lo = mid
+        return {gid: sorted(units) for gid, units in plan_of(hi).items()}
+
+    # ------------------------------------------------------------------------------ pruning
+    def step(self, measure_latency: bool = False, latency_repeat: int = 20) -> PruneReport:
+        """Remove the planned units from the model. Atomic: on any error the model is unchanged.
+
+        Returns:
+            :class:`PruneReport` with MACs/params before and after, units per group and, when
+            ``measure_latency``, the median latency before and after (``inference_mode``).
+        """
+        macs_before, params_before = self._macs(self.model), count_params(self.model)
+        lat_before = _measure_latency(self.model, self.example_inputs, repeat=latency_repeat) if measure_latency else None
+        plan = self.plan()
+        snapshot = {name: _snapshot(m) for name, m in self.model.named_modules()}
+        results = []
+        try:
+            for g in self.graph.groups:
+                before, units = g.size, plan.get(g.id, [])
+                if units:
+                    g.prune(units)
+                results.append(GroupResult(g.root, before, g.size, list(units)))
+            macs_after = self._macs(self.model)
+        except BaseException:
+            for name, m in self.model.named_modules():
+                if name in snapshot:
+                    _restore(m, snapshot[name])
+            self._build()    # the groups were renumbered by the partial prune: trace afresh
+            raise
+        lat_after = _measure_latency(self.model, self.example_inputs, repeat=latency_repeat) if measure_latency else None
+        return PruneReport(f"{self.mode}={self.amount}", macs_before, macs_after, params_before,
+                           count_params(self.model), results, lat_before, lat_after)

@@ -1,0 +1,190 @@
+"""Exponential Torque (ETP) and Torque regularisers over coupled groups.
+
+For every group ``g`` of :func:`etp_graph.trace` with ``N_g`` units and per-unit coupled norms
+``n_g[i]`` (all parameter slices of unit ``i``: weights, biases, norm affines, the next layers'
+input columns), the penalty is
+
+    R = beta · Σ_g (1/N_g) · Σ_i w_g(i) · s_g[i]
+    s_g[i] = n_g[i]²            (norm="l2", the paper)
+    s_g[i] = Σ |θ| over unit i  (norm="l1", the public code's variant)
+
+with the weight profile ``w(i) = exp(c·|i − p|/N)`` (:class:`ETP`) or ``|i − p|/N``
+(:class:`Torque`), ``p`` the pivot unit. Units far from the pivot pay exponentially more, so
+training concentrates the group's information near the pivot and drives the far units to zero.
+
+The regularisers are shaped like ``torch.optim``: one base class, one hook (:meth:`weights`),
+``penalty()`` (a loss term), ``apply_()`` (adds the same gradient to ``.grad`` after
+``backward()``), ``state_dict()`` / ``load_state_dict()``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .graph.group import CoupledGroup
+
+__all__ = ["ETPConfig", "Regularizer", "ETP", "Torque", "make_regularizer"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ETPConfig:
+    """Settings of the ETP / Torque regulariser.
+
+    Attributes:
+        beta: strength of the penalty (the public VGG-19 code uses 1e-5 with ``norm="l1"``).
+        c: steepness of the exponential profile; ``exp(c·d/N)``. The public code's base
+            ``1.01 ** (500 / n)`` is ``c = 4.975``. Unused by ``profile="linear"``.
+        pivot: the unit every other unit is pulled towards: an int (clamped to ``N − 1`` in
+            smaller groups) or ``"center"`` (unit ``N // 2``). The public code uses 0.
+        profile: ``"exp"`` (ETP) or ``"linear"`` (the Torque baseline).
+        norm: ``"l2"`` (squared L2 per unit, the paper) or ``"l1"`` (the public code).
+        zero_below: if set, :meth:`Regularizer.zero_small_` zeroes single regularised weights
+            whose magnitude is below it (the public code does this with 5e-4 after each epoch).
+    """
+
+    beta: float
+    c: float = 5.0
+    pivot: Union[int, str] = 0
+    profile: str = "exp"
+    norm: str = "l2"
+    zero_below: Optional[float] = None
+
+    def __post_init__(self):
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"ETPConfig.beta must be a finite number >= 0, got {self.beta!r}")
+        if not (isinstance(self.c, (int, float)) and math.isfinite(self.c) and self.c >= 0):
+            raise ValueError(f"ETPConfig.c must be a finite number >= 0, got {self.c!r}")
+        if isinstance(self.pivot, bool) or not (self.pivot == "center" or (isinstance(self.pivot, int) and self.pivot >= 0)):
+            raise ValueError(f"ETPConfig.pivot must be an int >= 0 or 'center', got {self.pivot!r}")
+        if self.profile not in ("exp", "linear"):
+            raise ValueError(f"ETPConfig.profile must be 'exp' (ETP) or 'linear' (Torque), got {self.profile!r}")
+        if self.norm not in ("l2", "l1"):
+            raise ValueError(f"ETPConfig.norm must be 'l2' or 'l1', got {self.norm!r}")
+        if self.zero_below is not None and not (self.zero_below > 0):
+            raise ValueError(f"ETPConfig.zero_below must be None or > 0, got {self.zero_below!r}")
+
+    def pivot_of(self, n: int) -> int:
+        """The pivot unit of a group with ``n`` units."""
+        return n // 2 if self.pivot == "center" else min(int(self.pivot), n - 1)
+
+
+class Regularizer:
+    """Base class: the penalty over coupled groups; subclasses override :meth:`weights` only.
+
+    Args:
+        groups: the :class:`CoupledGroup` list of :func:`etp_graph.trace` (``graph.groups``).
+        config: :class:`ETPConfig`.
+        model: the model whose parameters the groups index (default: the groups' own model).
+    """
+
+    def __init__(self, groups: Sequence[CoupledGroup], config: ETPConfig, model: Optional[nn.Module] = None):
+        if not isinstance(config, ETPConfig):
+            raise TypeError(f"config must be an etp_graph.ETPConfig, got {type(config).__name__}")
+        self.groups = list(groups)
+        self.config = config
+        self.model = model if model is not None else (self.groups[0]._graph.model if self.groups else None)
+
+    # ---------------------------------------------------------------------------------- hook
+    def weights(self, n: int, pivot: int) -> torch.Tensor:
+        """``Tensor[n]``: the weight of each unit of a group with ``n`` units and this pivot."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ penalty
+    def group_weights(self, group: CoupledGroup) -> torch.Tensor:
+        n = group.size
+        return self.weights(n, self.config.pivot_of(n))
+
+    def penalty(self) -> torch.Tensor:
+        """The penalty ``R`` as a differentiable scalar: add it to the task loss."""
+        total = None
+        for g in self.groups:
+            s = g.unit_sums(self.model, self.config.norm)
+            term = (self.group_weights(g).to(s) * s).sum() / g.size
+            total = term if total is None else total + term
+        if total is None:
+            return torch.zeros(())
+        return self.config.beta * total
+
+    @torch.no_grad()
+    def apply_(self) -> None:
+        """Add ``∂R/∂θ`` to every regularised parameter's ``.grad`` (call after ``backward()``).
+
+        ``∂R/∂θ = 2·beta·w(i)/N · θ`` (``l2``) or ``beta·w(i)/N · sign(θ)`` (``l1``) for each
+        slice of unit ``i``; the same as ``penalty().backward()`` without building its graph.
+        """
+        beta, l2 = self.config.beta, self.config.norm == "l2"
+        for g in self.groups:
+            coef = self.group_weights(g) * (beta / g.size) * (2.0 if l2 else 1.0)
+            for it, t, pairs in g.parameter_slices(self.model):
+                if t.grad is None:
+                    t.grad = torch.zeros_like(t)
+                units, index = pairs[0].to(t.device), pairs[1].to(t.device)
+                theta = t.detach().index_select(it.dim, index)
+                grad = theta if l2 else theta.sign()
+                shape = [1] * t.dim()
+                shape[it.dim] = -1
+                t.grad.index_add_(it.dim, index, grad * coef.to(t)[units].view(shape))
+
+    @torch.no_grad()
+    def zero_small_(self) -> int:
+        """Zero single regularised weights with ``|θ| < zero_below``; returns how many were zeroed."""
+        if self.config.zero_below is None:
+            return 0
+        count, seen = 0, set()
+        for g in self.groups:
+            for _, t, _ in g.parameter_slices(self.model):
+                if id(t) in seen:
+                    continue
+                seen.add(id(t))
+                small = t.abs() < self.config.zero_below
+                count += int(small.sum())
+                t.masked_fill_(small, 0.0)
+        return count
+
+    # -------------------------------------------------------------------------------- state
+    def state_dict(self) -> Dict[str, Any]:
+        return {"kind": type(self).__name__, "config": dataclasses.asdict(self.config),
+                "groups": [(g.root, g.size) for g in self.groups]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore the configuration; the groups must be those the state was saved with."""
+        groups = [tuple(x) for x in state.get("groups", [])]
+        mine = [(g.root, g.size) for g in self.groups]
+        if groups != mine:
+            raise ValueError(f"regulariser state was saved for groups {groups[:4]}… but this one has "
+                             f"{mine[:4]}…; build it from the same model and ignored layers")
+        if state.get("kind") != type(self).__name__:
+            raise ValueError(f"state is for a {state.get('kind')} regulariser, this is {type(self).__name__}")
+        self.config = ETPConfig(**state["config"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(groups={len(self.groups)}, config={self.config})"
+
+
+def _distance(n: int, pivot: int) -> torch.Tensor:
+    return (torch.arange(n, dtype=torch.float32) - pivot).abs() / n
+
+
+class ETP(Regularizer):
+    """Exponential Torque: ``w(i) = exp(c·|i − p|/N)``."""
+
+    def weights(self, n: int, pivot: int) -> torch.Tensor:
+        return torch.exp(self.config.c * _distance(n, pivot))
+
+
+class Torque(Regularizer):
+    """Torque (linear) baseline: ``w(i) = |i − p|/N``."""
+
+    def weights(self, n: int, pivot: int) -> torch.Tensor:
+        return _distance(n, pivot)
+
+
+def make_regularizer(groups: Sequence[CoupledGroup], config: ETPConfig,
+                     model: Optional[nn.Module] = None) -> Regularizer:
+    """:class:`ETP` for ``profile="exp"``, :class:`Torque` for ``profile="linear"``."""
+    cls = ETP if config.profile == "exp" else Torque
+    return cls(groups, config, model)

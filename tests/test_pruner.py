@@ -1,0 +1,165 @@
+"""ETPPruner targets, atomicity and reports; save/load of pruned models."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import etp_graph as eg
+
+
+class VGGish(nn.Module):
+    def __init__(self, w=16):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w)
+        self.c2, self.b2 = nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w)
+        self.c3, self.b3 = nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w)
+        self.fc = nn.Linear(2 * w, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.b1(self.c1(x))), 2)
+        x = F.relu(self.b3(self.c3(F.relu(self.b2(self.c2(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [(n, type(m).__name__, dict(
+        (k, v) for k, v in vars(m).items() if not k.startswith("_"))) for n, m in model.named_modules()]
+
+
+def _same(model, state):
+    tensors, attrs = state
+    now = model.state_dict()
+    assert now.keys() == tensors.keys()
+    assert all(torch.equal(now[k], v) for k, v in tensors.items())
+    assert _state(model)[1] == attrs
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(pruning_ratio=0.5, threshold=0.1)])
+def test_exactly_one_target(kwargs):
+    net = VGGish()
+    with pytest.raises(ValueError, match="exactly one"):
+        eg.ETPPruner(net, X, ignored_layers=[net.fc], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(pruning_ratio=1.0), "pruning_ratio"),
+                                          (dict(target_speedup=0.5), "target_speedup"),
+                                          (dict(threshold=2.0), "threshold")])
+def test_target_out_of_range(kwargs, match):
+    net = VGGish()
+    with pytest.raises(ValueError, match=match):
+        eg.ETPPruner(net, X, ignored_layers=[net.fc], **kwargs)
+
+
+def test_pruning_ratio_removes_lowest_and_breaks_ties_far_from_pivot():
+    torch.manual_seed(0)
+    net = VGGish()
+    pruner = eg.ETPPruner(net, X, ignored_layers=[net.fc], config=eg.ETPConfig(beta=1e-4, pivot=0),
+                          pruning_ratio=0.25)
+    g1 = pruner.graph.groups[0]
+    g1.zero_([2, 3, 9])       # three units at zero: with a 25 % ratio (4 of 16) all three go, then
+    imp = pruner.importance(g1)            # the weakest live unit
+    live = [u for u in torch.argsort(imp).tolist() if u not in (2, 3, 9)]
+    plan = pruner.plan()
+    assert plan[g1.id] == sorted([2, 3, 9, live[0]])
+    assert [len(plan[g.id]) for g in pruner.graph.groups] == [4, 8, 8]
+    # among equal (zero) units, the farthest from the pivot goes first
+    from etp_graph.importance import removal_order
+    assert removal_order(torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0]), pivot=0).tolist()[:3] == [3, 2, 0]
+    assert removal_order(torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0]), pivot=3).tolist()[:3] == [0, 2, 3]
+
+
+def test_threshold_removes_the_units_driven_to_zero_with_output_unchanged():
+    torch.manual_seed(0)
+    net = VGGish().eval()
+    pruner = eg.ETPPruner(net, X, ignored_layers=[net.fc], threshold=1e-3)
+    g = pruner.graph.groups[1]
+    g.zero_([5, 6, 30])
+    before = net(X)
+    report = pruner.step()
+    assert report.groups[1].removed == [5, 6, 30] and report.groups[0].removed == []
+    assert net.c2.out_channels == 29 and torch.allclose(net(X), before, atol=1e-5)
+    assert report.macs_after < report.macs_before and report.params_after < report.params_before
+
+
+@pytest.mark.parametrize("target", [1.5, 3.0])
+def test_target_speedup_lands_within_three_percent(target):
+    torch.manual_seed(1)
+    net = VGGish(w=24)
+    pruner = eg.ETPPruner(net, X, ignored_layers=[net.fc], target_speedup=target)
+    report = pruner.step(measure_latency=True, latency_repeat=3)
+    assert target <= report.speedup <= target * 1.03
+    assert report.speedup == pytest.approx(report.macs_before / eg.count_macs(net, X))
+    assert report.latency_before["median_ms"] > 0 and "MACs" in str(report)
+    assert net(X).shape == (2, 10)
+
+
+def test_unreachable_target_leaves_model_bit_identical():
+    net = VGGish()
+    state = _state(net)
+    params = [id(p) for p in net.parameters()]
+    pruner = eg.ETPPruner(net, X, ignored_layers=[net.fc], target_speedup=1000.0)
+    with pytest.raises(ValueError, match="unreachable"):
+        pruner.step()
+    _same(net, state)
+    assert [id(p) for p in net.parameters()] == params
+
+
+def test_failure_mid_step_restores_model_and_pruner_stays_usable(monkeypatch):
+    net = VGGish()
+    state = _state(net)
+    pruner = eg.ETPPruner(net, X, ignored_layers=[net.fc], pruning_ratio=0.5)
+    last = pruner.graph.groups[-1]
+
+    def boom(units):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(last, "prune", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        pruner.step()
+    _same(net, state)
+    report = pruner.step()          # traced afresh after the failure
+    assert [g.units_after for g in report.groups] == [8, 16, 16]
+
+
+def test_penalty_keeps_working_after_step():
+    net = VGGish()
+    pruner = eg.ETPPruner(net, X, ignored_layers=[net.fc], pruning_ratio=0.5)
+    pruner.step()
+    pen = pruner.penalty()
+    pen.backward()
+    assert pen > 0 and net.c1.weight.grad.shape == net.c1.weight.shape == (8, 3, 3, 3)
+
+
+def test_count_macs_accepts_keyword_inputs():
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(2, 3)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y)
+    assert eg.count_macs(KW(), {"y": torch.randn(5, 2), "x": torch.randn(5, 4)}) == 5 * (4 * 3 + 2 * 3)
+
+
+def test_save_and_load_pruned(tmp_path):
+    torch.manual_seed(0)
+    net = VGGish().eval()
+    eg.ETPPruner(net, X, ignored_layers=[net.fc], target_speedup=2.0).step()
+    path = tmp_path / "pruned.pt"
+    eg.save_pruned(net, path)
+    fresh = eg.load_pruned(VGGish, path).eval()
+    assert fresh.c2.out_channels == net.c2.out_channels < 32
+    assert torch.equal(fresh(X), net(X))
+    other = VGGish(w=8)
+    with pytest.raises(ValueError, match="not an etp_graph"):
+        torch.save({"x": 1}, tmp_path / "bad.pt")
+        eg.load_pruned(other, tmp_path / "bad.pt")
+    lstm = nn.Sequential(nn.Linear(3, 3))
+    state = _state(lstm)
+    with pytest.raises(ValueError, match="lacks"):
+        eg.load_pruned(lstm, path)
+    _same(lstm, state)

@@ -1,0 +1,126 @@
+"""ETP/Torque regularisers: closed-form penalty and gradients, apply_ == backward, config errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import etp_graph as eg
+
+
+class Net(nn.Module):
+    """conv → BN → conv (residual partner) + a free per-channel scale → flatten → Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, 4).view(1, 4, 1, 1))
+        self.c = nn.Conv2d(4, 3, 1, bias=False)
+        self.head = nn.Linear(3 * 4 * 4, 2)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.a(x)))
+        h = (h + self.b(h)) * self.scale
+        return self.head(F.relu(self.c(h)).flatten(1))
+
+
+X = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+
+
+def _unit_sq(net):
+    """Hand-written Σθ² per unit of the two groups (root a, 4 units; root c, 3 units)."""
+    a = (net.a.weight.pow(2).sum((1, 2, 3)) + net.a.bias.pow(2) + net.bn.weight.pow(2) + net.bn.bias.pow(2)
+         + net.b.weight.pow(2).sum((1, 2, 3)) + net.b.bias.pow(2) + net.b.weight.pow(2).sum((0, 2, 3))
+         + net.scale.pow(2).flatten() + net.c.weight.pow(2).sum((0, 2, 3)))
+    c = net.c.weight.pow(2).sum((1, 2, 3)) + net.head.weight.view(2, 3, 16).pow(2).sum((0, 2))
+    return [a, c]
+
+
+def _w(n, p, c, profile):
+    d = (torch.arange(n, dtype=torch.float32) - p).abs() / n
+    return torch.exp(c * d) if profile == "exp" else d
+
+
+@pytest.mark.parametrize("profile,pivot", [("exp", 0), ("exp", "center"), ("linear", 2), ("exp", 7)])
+def test_penalty_matches_closed_form(profile, pivot):
+    torch.manual_seed(1)
+    net = Net()
+    cfg = eg.ETPConfig(beta=0.01, c=3.0, pivot=pivot, profile=profile)
+    pruner = eg.ETPPruner(net, X, ignored_layers=[net.head], config=cfg, pruning_ratio=0.5)
+    assert [(g.root, g.size) for g in pruner.graph.groups] == [("a", 4), ("c", 3)]
+    expect = 0.0
+    for s in _unit_sq(net):
+        n = len(s)
+        p = n // 2 if pivot == "center" else min(pivot, n - 1)
+        expect = expect + (_w(n, p, 3.0, profile) * s).sum() / n
+    assert torch.allclose(pruner.penalty(), 0.01 * expect, rtol=1e-5)
+    assert isinstance(pruner.regularizer, eg.ETP if profile == "exp" else eg.Torque)
+
+
+def test_gradient_is_two_beta_w_over_n_theta_and_apply_matches_backward():
+    torch.manual_seed(2)
+    net = Net()
+    beta, c = 0.05, 5.0
+    pruner = eg.ETPPruner(net, X, ignored_layers=[net.head], config=eg.ETPConfig(beta=beta, c=c), threshold=0.1)
+    pruner.penalty().backward()
+    auto = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    w4, w3 = _w(4, 0, c, "exp"), _w(3, 0, c, "exp")
+    # closed forms on slices that belong to exactly one unit of one group
+    assert torch.allclose(auto["a.weight"], 2 * beta * (w4 / 4).view(4, 1, 1, 1) * net.a.weight, rtol=1e-5)
+    assert torch.allclose(auto["bn.bias"], 2 * beta * w4 / 4 * net.bn.bias, rtol=1e-5)
+    assert torch.allclose(auto["head.weight"], 2 * beta * (w3 / 3).repeat_interleave(16) * net.head.weight, rtol=1e-5)
+    # b.weight rows and columns are both unit slices of group a: the two terms add
+    rows = (w4 / 4).view(4, 1, 1, 1)
+    cols = (w4 / 4).view(1, 4, 1, 1)
+    assert torch.allclose(auto["b.weight"], 2 * beta * (rows + cols) * net.b.weight, rtol=1e-5)
+    assert net.head.bias.grad is None          # the head's own outputs are never penalised
+    net.zero_grad(set_to_none=True)
+    pruner.apply_()
+    for n, p in net.named_parameters():
+        if n in auto:
+            assert torch.allclose(p.grad, auto[n], rtol=1e-5, atol=1e-9), n
+
+
+def test_l1_norm_penalty_and_gradient():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    cfg = eg.ETPConfig(beta=0.1, norm="l1", profile="linear", pivot=1)
+    pruner = eg.ETPPruner(net, torch.randn(4, 3), ignored_layers=[net[2]], config=cfg, pruning_ratio=0.4)
+    s = net[0].weight.abs().sum(1) + net[0].bias.abs() + net[2].weight.abs().sum(0)
+    w = _w(5, 1, 0.0, "linear")
+    assert torch.allclose(pruner.penalty(), 0.1 * (w * s).sum() / 5)
+    pruner.apply_()
+    assert torch.allclose(net[0].weight.grad, 0.1 * (w / 5).view(5, 1) * net[0].weight.sign())
+
+
+def test_zero_below_and_state_dict_round_trip():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[0].weight.fill_(1e-5)
+    graph = eg.trace(net, torch.randn(2, 3), ignored_layers=[net[2]])
+    reg = eg.ETP(graph.groups, eg.ETPConfig(beta=1.0, zero_below=1e-4))
+    assert reg.zero_small_() == 12 and net[0].weight.abs().sum() == 0
+    other = eg.ETP(graph.groups, eg.ETPConfig(beta=2.0))
+    other.load_state_dict(reg.state_dict())
+    assert other.config == reg.config
+    with pytest.raises(ValueError, match="Torque"):
+        eg.Torque(graph.groups, eg.ETPConfig(beta=1.0, profile="linear")).load_state_dict(reg.state_dict())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(beta=-1), "beta"), (dict(beta=math.nan), "beta"), (dict(beta=1, c=-2), "c"),
+    (dict(beta=1, pivot="left"), "pivot"), (dict(beta=1, pivot=-1), "pivot"), (dict(beta=1, pivot=True), "pivot"),
+    (dict(beta=1, profile="cubic"), "profile"), (dict(beta=1, norm="l3"), "norm"), (dict(beta=1, zero_below=0), "zero_below"),
+])
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        eg.ETPConfig(**kwargs)
+
+
+def test_config_is_frozen():
+    cfg = eg.ETPConfig(beta=1e-4)
+    with pytest.raises(Exception):
+        cfg.beta = 1.0
+    assert (cfg.c, cfg.pivot, cfg.profile, cfg.norm, cfg.zero_below) == (5.0, 0, "exp", "l2", None)
