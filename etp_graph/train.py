@@ -50,6 +50,6 @@ def train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, st
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        losses.append(float(task))
+        losses.append(task.item())
     model.eval()
     return sum(losses[-20:]) / len(losses[-20:])
