@@ -88,9 +88,9 @@ def _slices(dep, local: torch.Tensor):
         yield target, dep.target.pruning_dim % target.dim(), torch.arange(len(local)), local
         return
     handler = get_handler(target) if isinstance(target, nn.Module) else None
-    if handler is None or handler.unsupported(target, "out"):
-        return
     role = "out" if _is_out(dep) else "in"
+    if handler is None or handler.unsupported(target, role):
+        return
     for s in handler.slices(target, role):
         t = getattr(target, s.attr, None)
         if isinstance(t, nn.Parameter):

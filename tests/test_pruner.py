@@ -158,8 +158,8 @@ def test_save_and_load_pruned(tmp_path):
     with pytest.raises(ValueError, match="not an etp_graph"):
         torch.save({"x": 1}, tmp_path / "bad.pt")
         eg.load_pruned(other, tmp_path / "bad.pt")
-    lstm = nn.Sequential(nn.Linear(3, 3))
-    state = _state(lstm)
+    unrelated = nn.Sequential(nn.Linear(3, 3))
+    state = _state(unrelated)
     with pytest.raises(ValueError, match="lacks"):
-        eg.load_pruned(lstm, path)
-    _same(lstm, state)
+        eg.load_pruned(unrelated, path)
+    _same(unrelated, state)

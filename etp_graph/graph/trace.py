@@ -341,8 +341,8 @@ class _SpanIndexMapping:
         return sorted(out, key=lambda h: (h.idx, -1 if h.root_idx is None else h.root_idx))
 
 
-def _moves(grad_fn) -> Optional[Tuple[int, ...]]:
-    """The dimension permutation of a transpose/permute op, or ``None`` for other ops."""
+def _moves(grad_fn) -> Optional[Tuple[Any, ...]]:
+    """``("swap", a, b)`` for a transpose, the dims of a permute, or ``None`` for other ops."""
     name = _op_name(grad_fn)
     if name == "Transpose":
         a, b = int(grad_fn._saved_dim0), int(grad_fn._saved_dim1)
