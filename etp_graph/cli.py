@@ -44,7 +44,8 @@ def _demo(args) -> int:
     print(f"dense accuracy: {acc['dense (pretrained)']:.2f}%")
 
     config = ETPConfig(beta=args.beta, c=args.c, pivot=0, profile="exp", norm="l2")
-    pruner = ETPPruner(model, x, ignored_layers=heads, config=config, target_speedup=args.speedup)
+    pruner = ETPPruner(model, x, ignored_layers=heads, config=config, target_speedup=args.speedup,
+                         max_pruning_ratio=args.max_ratio)
     print(f"traced: {len(pruner.graph.groups)} coupled groups, {len(pruner.graph.skipped)} skipped; "
           f"ETP penalty at start {float(pruner.penalty()):.4f}")
     checks = assert_prune_equivalent(model, x, ignored_layers=heads)
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
     d.add_argument("--etp-steps", type=int, default=200, help="ETP fine-tuning steps before pruning")
     d.add_argument("--finetune-steps", type=int, default=200, help="fine-tuning steps after pruning")
     d.add_argument("--beta", type=float, default=0.1, help="ETP strength")
+    d.add_argument("--max-ratio", type=float, default=None, help="remove at most this fraction of a group's units")
     d.add_argument("--c", type=float, default=5.0, help="ETP exponent")
     d.add_argument("--lr", type=float, default=0.01)
     d.add_argument("--batch-size", type=int, default=128)

@@ -50,11 +50,19 @@ def _sdpa_macs(inputs, outputs) -> int:
     return lead * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
+def _baddbmm_macs(inputs, outputs) -> int:
+    """``beta·M + alpha·(A @ B)`` for batched ``A (b, n, m)``, ``B (b, m, p)``: ``b·n·m·p``
+    (the scaled, masked scores of ``nn.MultiheadAttention``)."""
+    a, b = _sizes(inputs[1]), _sizes(inputs[2])
+    return a[0] * a[1] * a[2] * b[2]
+
+
 #: Handles for ops fvcore lacks: op name -> f(inputs, outputs) -> MACs.
 MAC_HANDLES: Dict[str, Callable] = {
     "aten::lstm": _rnn_macs(4),
     "aten::gru": _rnn_macs(3),
     "aten::scaled_dot_product_attention": _sdpa_macs,
+    "aten::baddbmm": _baddbmm_macs,
 }
 
 #: Ops that truly cost no multiply-adds (data movement, element-wise maths, activations).
@@ -74,7 +82,7 @@ aten::numpy_T aten::stack aten::new_zeros aten::fill_ aten::copy_ aten::zero_ at
 aten::layer_norm aten::group_norm aten::batch_norm aten::instance_norm
 aten::circular_pad1d aten::circular_pad2d aten::reflection_pad1d aten::reflection_pad2d
 aten::replication_pad1d aten::replication_pad2d aten::_pad_circular aten::im2col
-aten::prelu aten::unflatten aten::gelu_ aten::softplus
+aten::prelu aten::unflatten aten::gelu_ aten::softplus aten::new_ones aten::ones_like aten::zeros_like aten::triu aten::tril aten::masked_fill_
 """.split())
 
 

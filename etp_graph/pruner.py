@@ -96,11 +96,15 @@ class ETPPruner:
             group) is below this.
 
     Exactly one of ``pruning_ratio``, ``target_speedup``, ``threshold`` must be given.
+    ``attention_units``: ``"heads"`` (default) or ``"head_dims"``, the unit of attention groups.
+    ``max_pruning_ratio`` (``target_speedup`` only): remove at most this fraction of any group's
+    units, so the MAC-cheapest group (often a residual stream) is not emptied first.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterable[nn.Module]] = None,
                  config: Optional[ETPConfig] = None, pruning_ratio: Optional[float] = None,
-                 target_speedup: Optional[float] = None, threshold: Optional[float] = None):
+                 target_speedup: Optional[float] = None, threshold: Optional[float] = None,
+                 attention_units: str = "heads", max_pruning_ratio: Optional[float] = None):
         given = {k: v for k, v in (("pruning_ratio", pruning_ratio), ("target_speedup", target_speedup),
                                    ("threshold", threshold)) if v is not None}
         if len(given) != 1:
@@ -120,10 +124,15 @@ class ETPPruner:
         self.model = model
         self.example_inputs = example_inputs
         self.ignored_layers = list(ignored_layers) if ignored_layers is not None else []
+        self.attention_units = attention_units
+        if max_pruning_ratio is not None and not 0 < max_pruning_ratio < 1:
+            raise ValueError(f"max_pruning_ratio must be in (0, 1), got {max_pruning_ratio}")
+        self.max_pruning_ratio = max_pruning_ratio
         self._build()
 
     def _build(self) -> None:
-        self.graph = trace(self.model, self.example_inputs, self.ignored_layers)
+        self.graph = trace(self.model, self.example_inputs, self.ignored_layers,
+                           attention_units=self.attention_units)
         self.regularizer: Regularizer = make_regularizer(self.graph.groups, self.config, self.model)
 
     # ------------------------------------------------------------------------------ training
@@ -181,7 +190,8 @@ class ETPPruner:
             saved = base - self._macs(self._cut_copy({g.id: [order[0]]}))
             imp = self.importance(g)
             rel = imp / imp.max().clamp_min(torch.finfo(imp.dtype).tiny)
-            for k, u in enumerate(order[:-1]):   # keep at least one unit per group
+            cap = g.size - 1 if self.max_pruning_ratio is None else int(g.size * self.max_pruning_ratio)
+            for k, u in enumerate(order[:min(cap, g.size - 1)]):   # keep at least one unit per group
                 candidates.append((float(rel[u]) / max(saved, 1) * base, k, g.id, u))
         candidates.sort(key=lambda c: (c[0], c[1]))
 

@@ -27,7 +27,8 @@ class GroupCheck:
 
 def assert_prune_equivalent(model: nn.Module, example_inputs: Any,
                             ignored_layers: Optional[Iterable[nn.Module]] = None,
-                            fraction: float = 0.25, check_macs: bool = True) -> List[GroupCheck]:
+                            fraction: float = 0.25, check_macs: bool = True,
+                            attention_units: str = "heads") -> List[GroupCheck]:
     """For every group of ``eg.trace(model, …)``: masking units equals pruning them.
 
     On two deep copies of ``model``, ``fraction`` of each group's units (at least one, never all)
@@ -37,13 +38,14 @@ def assert_prune_equivalent(model: nn.Module, example_inputs: Any,
     are checked instead, and the returned record says ``checked="shape"``. The units are drawn
     with other seeds than ``trace``'s own verification, and the first and last unit are checked
     too, so this is an independent check of the groups ``trace`` returns. ``model`` is not modified.
+    ``attention_units`` is passed to ``trace`` (``"heads"`` or ``"head_dims"``).
 
     Raises:
         AssertionError: listing every group that failed, with the reason.
     """
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-    graph = trace(model, example_inputs, ignored_layers=ignored_layers)
+    graph = trace(model, example_inputs, ignored_layers=ignored_layers, attention_units=attention_units)
     base_params = count_params(model)
     base_macs = count_macs(model, example_inputs) if check_macs else 0
     results, failures = [], []

@@ -8,8 +8,6 @@ from etp_graph.zoo.resnet_cifar import default_weights_dir
 
 # Groups the engine refuses today, with the reason's key words (a regression if one appears).
 KNOWN_SKIPS = {
-    "tiny_mha": ["MultiheadAttention"],
-    "tiny_transformer": ["MultiheadAttention"],
     "tiny_glu": ["fixed sizes [4, 3]"],   # split([4, 3]) hard-codes the widths in the forward
 }
 

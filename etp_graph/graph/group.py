@@ -222,13 +222,16 @@ class CoupledGroup:
 
 
 def _snapshot(mod: nn.Module) -> dict:
-    return {"_parameters": dict(mod._parameters), "_buffers": dict(mod._buffers),
-            "attrs": {k: v for k, v in vars(mod).items() if not k.startswith("_")}}
+    return {"_parameters": dict(mod._parameters), "_buffers": dict(mod._buffers), "class": type(mod),
+            "attrs": {k: v for k, v in vars(mod).items() if not k.startswith("_") or k == "_qkv_same_embed_dim"}}
 
 
 def _restore(mod: nn.Module, state: dict) -> None:
     mod._parameters.clear(); mod._parameters.update(state["_parameters"])
     mod._buffers.clear(); mod._buffers.update(state["_buffers"])
+    mod.__class__ = state["class"]   # undo a forward replacement (pruned attention)
+    for k in [k for k in vars(mod) if k.startswith("etp_") and k not in state["attrs"]]:
+        delattr(mod, k)
     for k, v in state["attrs"].items():
         setattr(mod, k, v)
     if hasattr(mod, "_init_flat_weights"):

@@ -34,6 +34,7 @@ from torch_pruning.dependency.index_mapping import _ConcatIndexMapping, _Flatten
 from torch_pruning.pruner import function as tp_function
 
 from ..handlers import get_handler, registered_handlers
+from ..handlers.attention import attention_units as attention_units_ctx
 from ..handlers.base import LayerHandler, TensorSlice
 from .group import ChannelGraph, CoupledGroup, SkippedGroup, SliceItem
 from .verify import check_group, forward
@@ -120,8 +121,10 @@ def _opaque_leaves(model: nn.Module):
     Their internal autograd graph (an RNN's gate ops, a circular pad's copy-slices) is hidden from
     the backend, which would otherwise couple channels through it or never finish walking it.
     """
-    def hook(mod, inputs, output):
-        flat_in = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+    def hook(mod, inputs, kwargs, output):
+        get_handler(mod).observe(mod, inputs, kwargs, output)
+        flat_in = [t for t in pytree.tree_leaves((inputs, kwargs))
+                   if isinstance(t, torch.Tensor) and t.requires_grad]
         leaves, spec = pytree.tree_flatten(output)
         pos = [k for k, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if not flat_in or not pos:
@@ -131,7 +134,7 @@ def _opaque_leaves(model: nn.Module):
             leaves[k] = t
         return pytree.tree_unflatten(leaves, spec)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()
                if (h := get_handler(m)) is not None and h.traced_as_leaf(m)]
     try:
         yield
@@ -161,12 +164,27 @@ class _LeafAdapter(tp_function.BasePruningFunc):
         return self.handler.num_channels(layer, "in")
 
 
-def _leaf_pruners() -> Dict[type, _LeafAdapter]:
+class _CoupledLeafAdapter(_LeafAdapter):
+    """A leaf whose input channel ``c`` is its output channel ``c`` (a hidden residual): one
+    function for both, so the backend couples them as it does through a BatchNorm."""
+
+    prune_in_channels = _LeafAdapter.prune_out_channels
+    get_in_channels = _LeafAdapter.get_out_channels
+
+
+def _leaf_pruners(model: nn.Module) -> Dict[type, _LeafAdapter]:
     adapters: Dict[int, _LeafAdapter] = {}
     out = {}
+
+    def adapter(h):
+        return adapters.setdefault(id(h), (_CoupledLeafAdapter if h.couples_in_out else _LeafAdapter)(h))
     for t, h in registered_handlers().items():
         if h.backend_lacks:
-            out[t] = adapters.setdefault(id(h), _LeafAdapter(h))
+            out[t] = adapter(h)
+    for m in model.modules():   # handlers registered by structure: by the types present
+        h = get_handler(m)
+        if h is not None and h.backend_lacks and type(m) not in out:
+            out[type(m)] = adapter(h)
     return out
 
 
@@ -254,7 +272,7 @@ def _build_backend(model: nn.Module, example_inputs) -> Any:
     with warnings.catch_warnings(), _opaque_leaves(model), torch.enable_grad():
         warnings.simplefilter("ignore")
         with recorder:
-            dg.build_dependency(model, example_inputs, customized_pruners=_leaf_pruners(), verbose=False)
+            dg.build_dependency(model, example_inputs, customized_pruners=_leaf_pruners(model), verbose=False)
     for node in dg.module2node.values():
         if node.grad_fn in recorder.shapes:
             node._etp_shape = recorder.shapes[node.grad_fn]
@@ -621,7 +639,21 @@ def _make_group(dg, tpg, root_name: str, ignored: Set[nn.Module], gid: int, grap
         exact &= handler.exact_when_masked
         entries.append(_Entry(name, name, role, idxs, root_idxs, handler.slices(mod, role),
                               handler.period(mod, role)))
+    products = sorted(set(ops) & _PRODUCT_OPS)
+    if products:
+        parent = root_name.rpartition(".")[0]
+        where = (f"{parent!r} ({type(dg.model.get_submodule(parent)).__name__})" if parent
+                 else "the model's forward")
+        raise _Refused(f"no handler for {where}: the channels of {root_name!r} meet other channels in a "
+                       f"matrix product ({', '.join(products)}), as in an attention the engine does not "
+                       "know; register a handler for it (see etp_graph.handlers.attention) or pass "
+                       "ignored_layers=[...]")
     return _assemble(entries, pinned, root_name, gid, graph, exact, ops, merges)
+
+
+#: batched matrix products between activations (q·kᵀ, attn·v): channels are contracted, not kept
+_PRODUCT_OPS = frozenset({"Bmm", "Baddbmm", "MatMul", "ScaledDotProductAttention",
+                          "ScaledDotProductEfficientAttention", "ScaledDotProductFlashAttentionForCpu"})
 
 
 def _assemble(entries, pinned, root_name, gid, graph, exact, ops, merges) -> CoupledGroup:
@@ -666,8 +698,37 @@ def _assemble(entries, pinned, root_name, gid, graph, exact, ops, merges) -> Cou
         units = torch.tensor([unit_of[e.root_idxs[k]] for k in keep], dtype=torch.long)
         for s in e.slices:
             pos, index = s.index(local)
-            items.append(SliceItem(e.owner, s.attr, s.dim, units[pos], index, e.module, e.role, local[pos]))
+            owner, attr = _owner_attr(e.owner, s.attr)
+            items.append(SliceItem(owner, attr, s.dim, units[pos], index, e.module, e.role, local[pos]))
     return CoupledGroup(graph, gid, root_name, len(ordered), items, exact, sorted(set(ops)))
+
+
+def _owner_attr(owner: str, attr: str) -> Tuple[str, str]:
+    """``("att", "out_proj.weight")`` → ``("att.out_proj", "weight")``."""
+    prefix, _, attr = attr.rpartition(".")
+    if prefix:
+        owner = f"{owner}.{prefix}" if owner else prefix
+    return owner, attr
+
+
+def _internal_groups(name: str, m: nn.Module, gid: int, graph) -> List[Any]:
+    """Groups wholly inside ``m`` (attention heads), or ``SkippedGroup``s with the handler's reason."""
+    out: List[Any] = []
+    for spec in get_handler(m).internal_groups(m):
+        if spec.reason:
+            out.append(SkippedGroup(name, f"{spec.label} of {name!r}: {spec.reason}"))
+            continue
+        if spec.size < 2:
+            out.append(SkippedGroup(name, f"{spec.label} of {name!r}: fewer than two prunable units"))
+            continue
+        units = torch.arange(spec.size)
+        items = []
+        for s in spec.slices:
+            pos, index = s.index(units)
+            owner, attr = _owner_attr(name, s.attr)
+            items.append(SliceItem(owner, attr, s.dim, units[pos], index, name, spec.label, units[pos]))
+        out.append(CoupledGroup(graph, gid + len(out), name, spec.size, items, True, ["attention"]))
+    return out
 
 
 def _root_modules(model: nn.Module, dg, ignored: Set[nn.Module]) -> List[Tuple[str, nn.Module]]:
@@ -690,7 +751,7 @@ def _all_units(dg, m) -> Any:
 
 # ------------------------------------------------------------------------------------ public
 def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterable[nn.Module]] = None,
-          validate: bool = True) -> ChannelGraph:
+          validate: bool = True, attention_units: str = "heads") -> ChannelGraph:
     """Trace ``model`` into coupled groups of units.
 
     Args:
@@ -700,6 +761,8 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
             columns still belong to the group that feeds them.
         validate: verify every group by masking a copy and pruning another on ``example_inputs``
             (two deep copies and two forwards per group); a failing group goes to ``skipped``.
+        attention_units: the unit of head-structured groups: ``"heads"`` (a whole head) or
+            ``"head_dims"`` (one dimension in every head).
 
     Returns:
         :class:`ChannelGraph` with ``groups`` in the order of their root layer in
@@ -718,7 +781,7 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
     was_training = model.training
     model.eval()
     try:
-        with _tolerant_backend():
+        with _tolerant_backend(), attention_units_ctx(attention_units):
             return _trace(model, example_inputs, ignored, validate)
     finally:
         model.train(was_training)
@@ -735,8 +798,20 @@ def _trace(model, example_inputs, ignored, validate) -> ChannelGraph:
     dg = _build_backend(model, example_inputs)
     graph = ChannelGraph(model, [], [], {}, [], {})
     visited: Set[nn.Module] = set()
-    for name, m in _root_modules(model, dg, ignored):
-        if m in visited:
+    roots = {id(m) for _, m in _root_modules(model, dg, ignored)}
+    for name, m in model.named_modules():
+        if m in dg.module2node and m not in ignored and get_handler(m) is not None:
+            for group in _internal_groups(name, m, len(graph.groups), graph):
+                if isinstance(group, SkippedGroup):
+                    graph.skipped.append(group)
+                    continue
+                group.id = len(graph.groups)
+                problem = check_group(model, example_inputs, group) if validate else None
+                if problem:
+                    graph.skipped.append(SkippedGroup(name, problem))
+                else:
+                    graph.groups.append(group)
+        if id(m) not in roots or m in visited:
             continue
         try:
             tpg = _all_units(dg, m)

@@ -1,29 +1,443 @@
-"""``nn.MultiheadAttention``.
+"""Multi-head attention: heads (or head dimensions) as units, and the embedding width around them.
 
-Its forward ties the width of its input to the width of its q/k/v projections (``embed_dim``
-for both, ``head_dim = embed_dim // num_heads``), so an input channel cannot be removed without
-removing an inner dimension that is not coupled to it, and the softmax scale would change too.
-Groups that reach it through its input or output are therefore refused with that reason.
+Every attention family here has the same anatomy: q/k/v projections whose rows are laid out
+head after head (``row = offset + h·d + j`` for head ``h``, dimension ``j``), and an output
+projection whose columns follow the same layout. Two kinds of unit live inside the module:
+
+* ``"heads"`` (default): unit ``h`` owns the ``d`` q, k and v rows of head ``h``, their biases and
+  the ``d`` output-projection columns of that head;
+* ``"head_dims"``: unit ``j`` owns dimension ``j`` of q, k and v in *every* head (heads must keep
+  one width) and the matching output columns.
+
+Pick one per trace with ``trace(..., attention_units="head_dims")``. After a cut the module's
+``num_heads``/``head_dim`` bookkeeping is rewritten, and the softmax scale stays the original
+``1/√d_head``, so the pruned output equals the masked one exactly. The embedding width (the
+projections' input columns, the output projection's rows) is the module's ``"in"``/``"out"`` role,
+coupled to the rest of the model by the tracer.
+
+Families: ``nn.MultiheadAttention`` (and so ``nn.TransformerEncoderLayer``/``DecoderLayer``),
+hand-written ViT attention with a fused ``qkv`` Linear (``qkv``, ``proj``, ``num_heads``),
+Hugging Face BERT-style ``…Attention`` blocks (``self.query/key/value``, ``output.dense``,
+``output.LayerNorm``), and Informer / Time-Series-Library ``AttentionLayer``
+(``query/key/value/out_projection``, ``n_heads``).
+
+``nn.MultiheadAttention`` and the fused ViT attention derive ``head_dim`` from their input width,
+so once pruned their forward is replaced (:class:`PrunedMultiheadAttention`, a subclass with the
+same parameters; the ViT module gets a standard attention forward of the same class family).
+Verification at trace time compares the original forward (masked) with the replaced one
+(pruned), so an attention whose forward does something else is refused, never changed silently.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .base import LayerHandler, register_handler
+from .base import InternalGroup, LayerHandler, TensorSlice, register_handler
+
+__all__ = ["attention_units", "PrunedMultiheadAttention", "apply_surgery", "UNIT_KINDS"]
+
+UNIT_KINDS = ("heads", "head_dims")
+_UNITS: contextvars.ContextVar = contextvars.ContextVar("etp_attention_units", default="heads")
+
+
+@contextlib.contextmanager
+def attention_units(kind: str):
+    """Within this context, head-structured groups use ``kind`` (``"heads"`` or ``"head_dims"``)."""
+    if kind not in UNIT_KINDS:
+        raise ValueError(f"attention_units must be one of {UNIT_KINDS}, got {kind!r}")
+    token = _UNITS.set(kind)
+    try:
+        yield
+    finally:
+        _UNITS.reset(token)
+
+
+def _head_rows(heads: int, dim: int, offset: int, kind: str):
+    """Index map for rows (or columns) laid out head after head, starting at ``offset``."""
+    def index(units: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        n = len(units)
+        if kind == "heads":
+            pos = torch.arange(n).repeat_interleave(dim)
+            idx = offset + units.repeat_interleave(dim) * dim + torch.arange(dim).repeat(n)
+        else:
+            pos = torch.arange(n).repeat_interleave(heads)
+            idx = offset + torch.arange(heads).repeat(n) * dim + units.repeat_interleave(heads)
+        return pos, idx
+    return index
+
+
+def _get(m: nn.Module, dotted: str):
+    owner, _, attr = dotted.rpartition(".")
+    return getattr(m.get_submodule(owner) if owner else m, attr)
+
+
+def _fit_linears(m: nn.Module, names: Sequence[str]) -> None:
+    for n in names:
+        lin = m.get_submodule(n)
+        lin.out_features, lin.in_features = lin.weight.shape
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    heads: int
+    head_dim: int
+    qkv: Tuple[Tuple[str, Optional[str], int], ...]   # (weight, bias or None, row offset) for q, k, v
+    out: str                                          # output projection weight (columns are heads)
+
+
+class _HeadedAttention(LayerHandler):
+    """What every multi-head family shares; subclasses describe their tensors."""
+
+    can_root = True
+    channel_last = True
+    backend_lacks = True   # a leaf for the tracer: its inner reshapes/matmuls are ours
+
+    # -- per family
+    def layout(self, m) -> _Layout:
+        raise NotImplementedError
+
+    def set_sizes(self, m, heads: int, head_dim: int) -> None:
+        raise NotImplementedError
+
+    def heads_refused(self, m) -> Optional[str]:
+        return None
+
+    # -- shared
+    def observe(self, m, args, kwargs, output):
+        tensors = [a for a in list(args[:3]) if isinstance(a, torch.Tensor)]
+        m._etp_cross = len({id(t) for t in tensors}) > 1
+
+    def unsupported(self, m, role):
+        if role == "in" and getattr(m, "_etp_cross", False):
+            return (f"{type(m).__name__} is called with a query different from its key/value (cross "
+                    "attention): its input columns belong to two streams, so the embedding width "
+                    "is not pruned through it (its heads still are)")
+        return None
+
+    def internal_groups(self, m):
+        kind = _UNITS.get()
+        lay = self.layout(m)
+        slices: List[TensorSlice] = []
+        for w, b, off in lay.qkv:
+            rows = _head_rows(lay.heads, lay.head_dim, off, kind)
+            slices.append(TensorSlice(w, 0, rows))
+            if b is not None and _get(m, b) is not None:
+                slices.append(TensorSlice(b, 0, rows))
+        slices.append(TensorSlice(lay.out, 1, _head_rows(lay.heads, lay.head_dim, 0, kind)))
+        size = lay.heads if kind == "heads" else lay.head_dim
+        return [InternalGroup(kind, size, tuple(slices), self.heads_refused(m))]
+
+    def refresh(self, m, removed):
+        lay = self.layout(m)
+        heads = lay.heads - removed.get("heads", 0)
+        head_dim = lay.head_dim - removed.get("head_dims", 0)
+        self.set_sizes(m, heads, head_dim)
+
+
+# ------------------------------------------------------------------- nn.MultiheadAttention
+class PrunedMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose widths no longer follow ``embed_dim // num_heads``.
+
+    Same parameters and call signature; the forward reads the head count and width from
+    ``num_heads``/``head_dim`` and keeps the scale ``etp_scale`` of the unpruned module.
+    """
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if self.batch_first and not unbatched:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        L, B, _ = query.shape
+        S = key.shape[0]
+        H, d = self.num_heads, self.head_dim
+        if self.in_proj_weight is not None:
+            wq, wk, wv = self.in_proj_weight.split(H * d)
+        else:
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        bq = bk = bv = None
+        if self.in_proj_bias is not None:
+            bq, bk, bv = self.in_proj_bias.split(H * d)
+        q = F.linear(query, wq, bq).view(L, B, H, d).permute(1, 2, 0, 3)
+        k = F.linear(key, wk, bk).view(S, B, H, d).permute(1, 2, 0, 3)
+        v = F.linear(value, wv, bv).view(S, B, H, d).permute(1, 2, 0, 3)
+        mask = None
+        if attn_mask is not None:
+            if attn_mask.dim() == 3:
+                if attn_mask.shape[0] != B * H:
+                    raise ValueError(f"a per-head attn_mask of shape {tuple(attn_mask.shape)} does not fit "
+                                     f"{H} heads (this attention was pruned; pass a 2-D mask)")
+                attn_mask = attn_mask.view(B, H, L, S)
+            mask = _additive(attn_mask, q.dtype)
+        elif is_causal:
+            mask = _additive(torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1), q.dtype)
+        if key_padding_mask is not None:
+            kpm = _additive(key_padding_mask, q.dtype).view(B, 1, 1, S)
+            mask = kpm if mask is None else mask + kpm
+        p = self.dropout if self.training else 0.0
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) * self.etp_scale
+            if mask is not None:
+                scores = scores + mask
+            w = scores.softmax(-1)
+            out = F.dropout(w, p, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.etp_scale)
+            w = None
+        out = out.permute(2, 0, 1, 3).reshape(L, B, H * d)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        if self.batch_first and not unbatched:
+            out = out.transpose(0, 1)
+        if unbatched:
+            out = out.squeeze(1)
+        if w is not None:
+            w = w.mean(1) if average_attn_weights else w
+            if unbatched:
+                w = w.squeeze(0)
+        return out, w
+
+
+def _additive(mask: torch.Tensor, dtype) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
 
 
 @register_handler
-class MultiheadAttentionHandler(LayerHandler):
+class MultiheadAttentionHandler(_HeadedAttention):
     module_types = (nn.MultiheadAttention,)
-    channel_last = True
+
+    def layout(self, m):
+        H, d = m.num_heads, m.head_dim
+        if m.in_proj_weight is not None:
+            qkv = (("in_proj_weight", "in_proj_bias", 0), ("in_proj_weight", "in_proj_bias", H * d),
+                   ("in_proj_weight", "in_proj_bias", 2 * H * d))
+        else:
+            qkv = (("q_proj_weight", "in_proj_bias", 0), ("k_proj_weight", "in_proj_bias", H * d),
+                   ("v_proj_weight", "in_proj_bias", 2 * H * d))
+        return _Layout(H, d, qkv, "out_proj.weight")
+
+    def heads_refused(self, m):
+        if m.bias_k is not None or m.add_zero_attn:
+            return "nn.MultiheadAttention with add_bias_kv/add_zero_attn is not supported"
+        return None
 
     def unsupported(self, m, role):
-        return ("nn.MultiheadAttention ties its input width to its q/k/v width (embed_dim); "
-                "removing embedding channels would change head_dim and the softmax scale, so the "
-                "output would differ from masking")
+        if role == "in" and m.in_proj_weight is None:
+            return ("nn.MultiheadAttention with kdim/vdim different from embed_dim reads two streams; "
+                    "its embedding width is not pruned through it (its heads still are)")
+        return super().unsupported(m, role)
 
     def slices(self, m, role):
-        return []
+        if role == "in":
+            return [TensorSlice("in_proj_weight", 1)]
+        out = [TensorSlice("out_proj.weight", 0)]
+        return out + ([TensorSlice("out_proj.bias", 0)] if m.out_proj.bias is not None else [])
+
+    def set_sizes(self, m, heads, head_dim):
+        apply_surgery(m)
+        m.num_heads, m.head_dim = heads, head_dim
+        m.embed_dim = m.out_proj.weight.shape[0]
+        if m.in_proj_weight is not None:
+            m.kdim = m.vdim = m.in_proj_weight.shape[1]
+        _fit_linears(m, ["out_proj"])
 
     def num_channels(self, m, role):
-        return m.embed_dim
+        return m.out_proj.weight.shape[0] if role == "out" else (
+            m.in_proj_weight.shape[1] if m.in_proj_weight is not None else m.q_proj_weight.shape[1])
+
+
+# ---------------------------------------------------------- fused-qkv (ViT / timm style)
+def _fused_qkv_forward(self, x):
+    """Standard fused-qkv attention with the pruned widths and the unpruned scale."""
+    B, N, _ = x.shape
+    H, d = self.num_heads, self.etp_head_dim
+    q, k, v = self.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = ((q @ k.transpose(-2, -1)) * self.etp_scale).softmax(dim=-1)
+    if isinstance(getattr(self, "attn_drop", None), nn.Module):
+        attn = self.attn_drop(attn)
+    out = self.proj((attn @ v).transpose(1, 2).reshape(B, N, H * d))
+    if isinstance(getattr(self, "proj_drop", None), nn.Module):
+        out = self.proj_drop(out)
+    return out
+
+
+_FUSED_CLASSES: Dict[type, type] = {}
+
+
+@register_handler
+class FusedQKVAttentionHandler(_HeadedAttention):
+    """A hand-written ViT attention: ``qkv = Linear(C, 3C)`` reshaped to ``(B, N, 3, H, C/H)``,
+    softmax(q·kᵀ·scale)·v, ``proj = Linear(C, C)``; found by structure (``qkv``, ``proj``,
+    ``num_heads``)."""
+
+    module_types = ()
+
+    def matches(self, m):
+        qkv, proj, H = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", None)
+        return (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(H, int)
+                and H > 0 and qkv.out_features == 3 * proj.in_features and proj.in_features % H == 0)
+
+    def _head_dim(self, m):
+        return getattr(m, "etp_head_dim", None) or m.proj.in_features // m.num_heads
+
+    def layout(self, m):
+        H, d = m.num_heads, self._head_dim(m)
+        return _Layout(H, d, (("qkv.weight", "qkv.bias", 0), ("qkv.weight", "qkv.bias", H * d),
+                              ("qkv.weight", "qkv.bias", 2 * H * d)), "proj.weight")
+
+    def heads_refused(self, m):
+        for n in ("q_norm", "k_norm"):
+            if not isinstance(getattr(m, n, nn.Identity()), nn.Identity):
+                return f"{type(m).__name__}.{n} normalises over the head dimension; not supported"
+        return None
+
+    def slices(self, m, role):
+        if role == "in":
+            return [TensorSlice("qkv.weight", 1)]
+        return [TensorSlice("proj.weight", 0)] + ([TensorSlice("proj.bias", 0)] if m.proj.bias is not None else [])
+
+    def set_sizes(self, m, heads, head_dim):
+        if getattr(m, "etp_scale", None) is None:
+            m.etp_scale = float(getattr(m, "scale", self._head_dim(m) ** -0.5))
+        m.num_heads, m.etp_head_dim = heads, head_dim
+        m.etp_surgery = "fused_qkv"
+        apply_surgery(m)
+        _fit_linears(m, ["qkv", "proj"])
+
+    def num_channels(self, m, role):
+        return m.proj.out_features if role == "out" else m.qkv.in_features
+
+
+# ---------------------------------------------------- Hugging Face BERT-style attention
+@register_handler
+class BertAttentionHandler(_HeadedAttention):
+    """``BertAttention``-shaped blocks (BERT, RoBERTa, MiniLM …): ``self.query/key/value`` →
+    heads → ``output.dense`` → ``output.LayerNorm(dense + input)``. The hidden residual inside
+    ties input channel ``c`` to output channel ``c``: one role. The forward infers the head count
+    (``view(…, -1, attention_head_size)``) and keeps ``scaling``, so only the sizes change."""
+
+    module_types = ()
+    couples_in_out = True
+    exact_when_masked = False   # the LayerNorm over the hidden width
+
+    def matches(self, m):
+        s, o = getattr(m, "self", None), getattr(m, "output", None)
+        return (isinstance(s, nn.Module) and isinstance(o, nn.Module)
+                and all(isinstance(getattr(s, n, None), nn.Linear) for n in ("query", "key", "value"))
+                and isinstance(getattr(s, "num_attention_heads", None), int)
+                and isinstance(getattr(s, "attention_head_size", None), int)
+                and isinstance(getattr(o, "dense", None), nn.Linear)
+                and isinstance(getattr(o, "LayerNorm", None), nn.LayerNorm))
+
+    def observe(self, m, args, kwargs, output):
+        m._etp_cross = kwargs.get("encoder_hidden_states") is not None
+
+    def unsupported(self, m, role):
+        if getattr(m, "_etp_cross", False):
+            return f"{type(m).__name__} is used as cross attention; its hidden width is not pruned through it"
+        return None
+
+    def layout(self, m):
+        s = m.self
+        return _Layout(s.num_attention_heads, s.attention_head_size,
+                       tuple((f"self.{n}.weight", f"self.{n}.bias", 0) for n in ("query", "key", "value")),
+                       "output.dense.weight")
+
+    def slices(self, m, role):
+        out = [TensorSlice(f"self.{n}.weight", 1) for n in ("query", "key", "value")]
+        out += [TensorSlice("output.dense.weight", 0)]
+        for n in ("output.dense.bias", "output.LayerNorm.weight", "output.LayerNorm.bias"):
+            if _get(m, n) is not None:
+                out.append(TensorSlice(n, 0))
+        return out
+
+    def set_sizes(self, m, heads, head_dim):
+        s = m.self
+        s.num_attention_heads, s.attention_head_size = heads, head_dim
+        s.all_head_size = heads * head_dim
+        _fit_linears(m, ["self.query", "self.key", "self.value", "output.dense"])
+        m.output.LayerNorm.normalized_shape = (m.output.LayerNorm.weight.shape[0],)
+
+    def num_channels(self, m, role):
+        return m.output.dense.out_features
+
+
+# ------------------------------------------- Informer / Time-Series-Library AttentionLayer
+@register_handler
+class ProjectionAttentionHandler(_HeadedAttention):
+    """``AttentionLayer(inner_attention, d_model, n_heads)`` of Informer and the Time-Series-Library:
+    ``query/key/value_projection`` → ``view(B, L, H, -1)`` → ``inner_attention`` →
+    ``out_projection``. The inner attention's ``scale`` is pinned to the unpruned ``1/√d`` before
+    head dimensions are cut. ``mix=True`` (heads interleaved with positions) is refused."""
+
+    module_types = ()
+    _NAMES = ("query_projection", "key_projection", "value_projection", "out_projection")
+
+    def matches(self, m):
+        return (all(isinstance(getattr(m, n, None), nn.Linear) for n in self._NAMES)
+                and isinstance(getattr(m, "n_heads", None), int)
+                and isinstance(getattr(m, "inner_attention", None), nn.Module))
+
+    def layout(self, m):
+        H = m.n_heads
+        d = m.value_projection.out_features // H
+        return _Layout(H, d, tuple((f"{n}.weight", f"{n}.bias", 0) for n in self._NAMES[:3]), "out_projection.weight")
+
+    def heads_refused(self, m):
+        if getattr(m, "mix", False):
+            return (f"{type(m).__name__}(mix=True) interleaves heads with time steps in its output, "
+                    "so a removed head shifts every later position; its heads are not prunable")
+        if m.query_projection.out_features != m.value_projection.out_features:
+            return "query and value projections have different widths (d_keys != d_values)"
+        return None
+
+    def slices(self, m, role):
+        if role == "in":
+            return [TensorSlice(f"{n}.weight", 1) for n in self._NAMES[:3]]
+        out = [TensorSlice("out_projection.weight", 0)]
+        return out + ([TensorSlice("out_projection.bias", 0)] if m.out_projection.bias is not None else [])
+
+    def set_sizes(self, m, heads, head_dim):
+        inner = m.inner_attention
+        if getattr(inner, "scale", 1) is None:
+            inner.scale = 1.0 / math.sqrt(self.layout(m).head_dim)
+        m.n_heads = heads
+        _fit_linears(m, list(self._NAMES))
+
+    def num_channels(self, m, role):
+        return m.out_projection.out_features if role == "out" else m.query_projection.in_features
+
+
+# ------------------------------------------------------------------------------ surgery
+def apply_surgery(m: nn.Module) -> None:
+    """Give ``m`` the forward that reads its pruned widths (idempotent; used by ``load_pruned``)."""
+    if isinstance(m, nn.MultiheadAttention):
+        if not isinstance(m, PrunedMultiheadAttention):
+            if getattr(m, "etp_scale", None) is None:
+                m.etp_scale = float(m.head_dim) ** -0.5
+            m.etp_surgery = "mha"
+            m.__class__ = PrunedMultiheadAttention
+        # the fused fast paths of nn.TransformerEncoder(Layer) derive head_dim from embed_dim
+        m._qkv_same_embed_dim = False
+        return
+    if getattr(m, "etp_surgery", None) == "fused_qkv":
+        cls = type(m)
+        if cls in _FUSED_CLASSES.values():
+            return
+        new = _FUSED_CLASSES.get(cls)
+        if new is None:
+            new = type(cls.__name__, (cls,), {"forward": _fused_qkv_forward,
+                                             "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+            _FUSED_CLASSES[cls] = new
+        m.__class__ = new

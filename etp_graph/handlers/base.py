@@ -27,6 +27,7 @@ __all__ = [
     "register_handler",
     "get_handler",
     "registered_handlers",
+    "InternalGroup",
 ]
 
 
@@ -49,6 +50,18 @@ class TensorSlice:
     index: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]] = _identity
 
 
+@dataclasses.dataclass(frozen=True)
+class InternalGroup:
+    """Units wholly inside one module (attention heads): ``size`` units, numbered ``0..size-1`` in
+    every slice; ``label`` is the role passed to ``refresh`` (``{"heads": k}``) after a cut.
+    ``reason`` set: the group exists but cannot be pruned (it is reported in ``graph.skipped``)."""
+
+    label: str
+    size: int
+    slices: Tuple[TensorSlice, ...]
+    reason: Optional[str] = None
+
+
 class LayerHandler:
     """Base class of the per-family handlers; subclasses set ``module_types``."""
 
@@ -61,6 +74,15 @@ class LayerHandler:
     backend_lacks: ClassVar[bool] = False
     #: Channels on the last dimension of a 3-D output (tokens ``(B, L, C)``), not on dim 1.
     channel_last: ClassVar[bool] = False
+    #: Input channel ``c`` *is* output channel ``c`` (a hidden residual, a norm): one role, "out".
+    couples_in_out: ClassVar[bool] = False
+
+    def matches(self, module: nn.Module) -> bool:
+        """For handlers registered by structure (``module_types = ()``): is this module one of ours?"""
+        return False
+
+    def observe(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        """Called once per traced call of a leaf module (e.g. to note a cross-attention call)."""
 
     def traced_as_leaf(self, module: nn.Module) -> bool:
         """Hide the module's internal ops from the tracer: its outputs depend on its inputs only."""
@@ -82,12 +104,9 @@ class LayerHandler:
         """A reason why this module cannot be cut in this role, or ``None``."""
         return None
 
-    def internal_groups(self, module: nn.Module) -> List[List[Tuple[str, TensorSlice]]]:
-        """Units wholly inside the module (a stacked RNN's inner hidden units).
-
-        Each entry is one group: a list of ``(role_label, slice)`` whose channels are the
-        group's units, numbered the same way in every slice.
-        """
+    def internal_groups(self, module: nn.Module) -> List[InternalGroup]:
+        """Units wholly inside the module (attention heads); slice ``attr`` may be dotted
+        (``"out_proj.weight"``) to reach a submodule's tensor."""
         return []
 
     def num_channels(self, module: nn.Module, role: str) -> Optional[int]:
@@ -95,13 +114,22 @@ class LayerHandler:
 
 
 _REGISTRY: Dict[Type[nn.Module], LayerHandler] = {}
+_PATTERNS: List[LayerHandler] = []
 
 
 def register_handler(cls: Type[LayerHandler]) -> Type[LayerHandler]:
-    """Class decorator: register a handler for its ``module_types``; duplicates are refused."""
-    if not cls.module_types:
-        raise TypeError(f"{cls.__name__} declares no module_types; set module_types = (nn.X, ...)")
+    """Class decorator: register a handler for its ``module_types``; duplicates are refused.
+
+    A handler with ``module_types = ()`` that overrides ``matches(module)`` is registered by
+    structure (a model family from a library we do not import, e.g. Hugging Face BERT): it is
+    asked only for modules no type-registered handler claims."""
     instance = cls()
+    if not cls.module_types:
+        if type(instance).matches is LayerHandler.matches:
+            raise TypeError(f"{cls.__name__} declares no module_types; set module_types = (nn.X, ...) "
+                            "or override matches(module)")
+        _PATTERNS.append(instance)
+        return cls
     for t in cls.module_types:
         if t in _REGISTRY:
             raise ValueError(
@@ -117,6 +145,9 @@ def get_handler(module: nn.Module) -> Optional[LayerHandler]:
     for t in type(module).__mro__:
         h = _REGISTRY.get(t)
         if h is not None:
+            return h
+    for h in _PATTERNS:
+        if h.matches(module):
             return h
     return None
 
