@@ -22,7 +22,7 @@ from typing import Iterator, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ["load_cifar", "default_data_dir", "normalize", "augment", "batches", "CIFAR_MEAN", "CIFAR_STD"]
+__all__ = ["load_cifar", "load_planetoid", "load_ppi", "load_ett", "default_data_dir", "normalize", "augment", "batches", "CIFAR_MEAN", "CIFAR_STD"]
 
 #: the normalisation the pretrained CIFAR ResNets (akamaster/pytorch_resnet_cifar10) were trained with
 CIFAR_MEAN = (0.485, 0.456, 0.406)
@@ -151,3 +151,54 @@ def batches(n: int, batch_size: int, generator: Optional[torch.Generator] = None
         perm = torch.randperm(n, generator=generator)
         for s in range(0, n - batch_size + 1, batch_size):
             yield perm[s:s + batch_size]
+
+
+# ------------------------------------------------------------------------------------- graphs
+def _cache_dir() -> Path:
+    return Path(os.environ.get("ETP_GRAPH_CACHE", Path.home() / ".cache" / "etp_graph"))
+
+
+def load_planetoid(name: str = "Cora", root: Optional[Union[str, Path]] = None):
+    """A Planetoid citation graph (``Cora``, ``CiteSeer``, ``PubMed``) as one PyG ``Data`` with the
+    standard public split masks.
+
+    ``root`` holds ``<name>/raw/ind.<name>.*`` (default ``<data>/planetoid``). PyG writes a
+    ``processed/`` folder beside ``raw/``, so the raw files are copied to a writable cache
+    (``$ETP_GRAPH_CACHE``, default ``~/.cache/etp_graph``) first; nothing is downloaded.
+    """
+    import shutil
+    from torch_geometric.datasets import Planetoid
+    root = Path(root) if root is not None else default_data_dir() / "planetoid"
+    raw = root / name / "raw"
+    prefix = f"ind.{name.lower()}."
+    needed = [prefix + s for s in ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")]
+    missing = [f for f in needed if not (raw / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"Planetoid {name}: {missing} not found in {raw}; put the raw Planetoid "
+                                f"files there (the layout torch_geometric.datasets.Planetoid reads) or pass root=")
+    work = _cache_dir() / "planetoid"
+    dst = work / name / "raw"
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in needed:
+        if not (dst / f).is_file() or (dst / f).stat().st_size != (raw / f).stat().st_size:
+            shutil.copyfile(raw / f, dst / f)
+    return Planetoid(str(work), name)[0]
+
+
+def load_ppi(root: Optional[Union[str, Path]] = None, split: str = "train"):
+    """The PPI graphs (``torch_geometric.datasets.PPI``: 20 train / 2 val / 2 test graphs, 50
+    features, 121 labels) from ``root`` (default ``<data>/PPI``). Never downloads: without the
+    raw or processed files it raises ``FileNotFoundError`` saying what to put where."""
+    from torch_geometric.datasets import PPI
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    root = Path(root) if root is not None else default_data_dir() / "PPI"
+    raw = [root / "raw" / f"{s}_{k}" for s in ("train", "valid", "test")
+           for k in ("graph.json", "feats.npy", "graph_id.npy", "labels.npy")]
+    processed = [root / "processed" / f"{s}.pt" for s in ("train", "val", "test")]
+    if not all(p.is_file() for p in processed) and not all(p.is_file() for p in raw):
+        raise FileNotFoundError(
+            f"PPI data not found under {root}: need raw/{{train,valid,test}}_{{graph.json,feats.npy,"
+            "graph_id.npy,labels.npy} (the layout of torch_geometric.datasets.PPI) or its processed/ "
+            "folder; this machine cannot download it, copy it there or pass root=")
+    return PPI(str(root), split=split)

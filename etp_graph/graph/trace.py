@@ -562,6 +562,7 @@ class _Entry:
     root_idxs: List[int]         # the root channel each one is coupled to
     slices: List[TensorSlice]
     period: Optional[int]        # channels equal modulo this go together
+    block: Optional[int] = None  # channels with equal c // block go together
 
 
 def _shared_channel_merges(dg, module: nn.Module, tpg) -> List[Tuple[int, int]]:
@@ -638,7 +639,7 @@ def _make_group(dg, tpg, root_name: str, ignored: Set[nn.Module], gid: int, grap
             raise _Refused(f"{name!r}: {why}")
         exact &= handler.exact_when_masked
         entries.append(_Entry(name, name, role, idxs, root_idxs, handler.slices(mod, role),
-                              handler.period(mod, role)))
+                              handler.period(mod, role), handler.block(mod, role)))
     products = sorted(set(ops) & _PRODUCT_OPS)
     if products:
         parent = root_name.rpartition(".")[0]
@@ -676,11 +677,12 @@ def _assemble(entries, pinned, root_name, gid, graph, exact, ops, merges) -> Cou
         for i, r in zip(e.idxs, e.root_idxs):
             if r in parent:
                 parent[find(r)] = find(owner_of.setdefault(i, r))
-        if e.period:
+        for key in ([lambda i, p=e.period: i % p] if e.period else []) + (
+                [lambda i, b=e.block: i // b] if e.block else []):
             first: Dict[int, int] = {}
             for i, r in zip(e.idxs, e.root_idxs):
                 if r in parent:
-                    j = first.setdefault(i % e.period, r)
+                    j = first.setdefault(key(i), r)
                     parent[find(r)] = find(j)
     classes: Dict[int, List[int]] = {}
     for r in roots:

@@ -94,6 +94,10 @@ class LayerHandler:
     def period(self, module: nn.Module, role: str) -> Optional[int]:
         return None
 
+    def block(self, module: nn.Module, role: str) -> Optional[int]:
+        """Channels ``c`` with equal ``c // block`` go together (a head of ``block`` channels)."""
+        return None
+
     def refresh(self, module: nn.Module, removed: Dict[str, int]) -> None:
         """Update the module's size attributes after its tensors were cut.
 

@@ -1,0 +1,109 @@
+"""PyTorch Geometric ``GATConv``: heads and per-head channels as units.
+
+``GATConv(in, C, heads=H)`` computes ``x' = lin(x).view(N, H, C)``, attention logits
+``(x'·att_src).sum(-1)`` and ``(x'·att_dst).sum(-1)`` per head, and either concatenates the heads
+(``concat=True``: ``H·C`` outputs, channel ``h·C + c``) or averages them (``concat=False``: ``C``).
+
+Units, chosen per trace with ``attention_units`` (as for transformer attention):
+
+* ``"heads"``: head ``h`` owns its ``C`` rows of ``lin`` (``lin_src``/``lin_dst``, ``lin_edge``),
+  ``att_src[:, h]``, ``att_dst[:, h]`` (``att_edge``), and with ``concat=True`` its ``C`` entries
+  of ``bias`` and of the residual ``res`` rows, and the next layer's ``C`` input columns. With
+  ``concat=False`` heads are averaged, so removing one rescales the mean and cannot equal
+  masking: those heads are reported in ``graph.skipped`` with that reason.
+* ``"head_dims"``: channel ``c`` of every head, i.e. ``att_*[:, :, c]`` and the matching rows.
+
+Pruning rewrites ``heads``/``out_channels``/``in_channels`` and the inner ``Linear`` sizes.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import nn
+
+from .attention import _UNITS
+from .base import InternalGroup, LayerHandler, TensorSlice, register_handler
+
+
+def _is_gat(m: nn.Module) -> bool:
+    return any(c.__name__ == "GATConv" and c.__module__.startswith("torch_geometric") for c in type(m).__mro__)
+
+
+def _att_index(C: int, kind: str):
+    """Output channel ``h·C + c`` → index ``h`` (heads) or ``c`` (head_dims) of ``att_*``."""
+    def index(ch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return torch.arange(len(ch)), (ch // C if kind == "heads" else ch % C)
+    return index
+
+
+def _every_head(H: int, C: int):
+    """(concat=False) output channel ``c`` → rows ``h·C + c`` of every head."""
+    def index(ch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return torch.arange(len(ch)).repeat_interleave(H), (torch.arange(H).repeat(len(ch)) * C
+                                                            + ch.repeat_interleave(H))
+    return index
+
+
+@register_handler
+class GATConvHandler(LayerHandler):
+    module_types = ()          # registered by structure: torch_geometric is imported lazily
+    can_root = True
+    backend_lacks = True       # message passing is a leaf for the tracer
+
+    def matches(self, m):
+        return _is_gat(m)
+
+    @staticmethod
+    def _lins(m) -> List[str]:
+        return ["lin"] if m.lin is not None else ["lin_src", "lin_dst"]
+
+    def unsupported(self, m, role):
+        if role == "in" and m.lin is None:
+            return "a bipartite GATConv (lin_src/lin_dst) reads two node sets; its input width is not pruned"
+        return None
+
+    def slices(self, m, role):
+        if role == "in":
+            out = [TensorSlice(f"{n}.weight", 1) for n in self._lins(m)]
+            return out + ([TensorSlice("res.weight", 1)] if m.res is not None else [])
+        H, C, kind = m.heads, m.out_channels, _UNITS.get()
+        rows = (lambda ch: (torch.arange(len(ch)), ch)) if m.concat else _every_head(H, C)
+        if not m.concat:
+            kind = "head_dims"    # the outputs are per-head channels already
+        out = [TensorSlice(f"{n}.weight", 0, rows) for n in self._lins(m)]
+        out += [TensorSlice(a, 2 if kind == "head_dims" else 1, _att_index(C, kind))
+                for a in ("att_src", "att_dst")]
+        if m.lin_edge is not None:
+            out += [TensorSlice("lin_edge.weight", 0, rows), TensorSlice("att_edge", 2 if kind == "head_dims" else 1,
+                                                                     _att_index(C, kind))]
+        if m.bias is not None:
+            out.append(TensorSlice("bias", 0))
+        if m.res is not None:
+            out.append(TensorSlice("res.weight", 0))
+        return out
+
+    def period(self, m, role):
+        return m.out_channels if role == "out" and m.concat and _UNITS.get() == "head_dims" else None
+
+    def block(self, m, role):
+        return m.out_channels if role == "out" and m.concat and _UNITS.get() == "heads" else None
+
+    def internal_groups(self, m):
+        if m.concat or _UNITS.get() != "heads":
+            return []
+        return [InternalGroup("heads", m.heads, (), "GATConv(concat=False) averages its heads: removing one "
+                                                    "rescales the mean, so it cannot equal masking")]
+
+    def refresh(self, m, removed):
+        m.heads, m.out_channels = m.att_src.shape[1], m.att_src.shape[2]
+        for n in self._lins(m) + [n for n in ("lin_edge", "res") if getattr(m, n) is not None]:
+            lin = getattr(m, n)
+            lin.out_channels, lin.in_channels = lin.weight.shape
+        if m.lin is not None:
+            m.in_channels = m.lin.in_channels
+
+    def num_channels(self, m, role):
+        if role == "out":
+            return m.heads * m.out_channels if m.concat else m.out_channels
+        return getattr(m, self._lins(m)[0]).weight.shape[1]

@@ -1,0 +1,98 @@
+"""GATConvHandler: heads and per-head channels prune exactly on GATs the zoo does not have."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_geometric.nn import GATConv
+
+import etp_graph as eg
+from etp_graph.testing import assert_prune_equivalent
+from etp_graph.zoo.gat import random_graph
+
+
+class EdgeGAT(nn.Module):
+    """Three GATConvs with different head counts, edge features on one, a residual on another."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = GATConv(10, 6, heads=3, edge_dim=4)
+        self.c2 = GATConv(18, 5, heads=2, residual=True)
+        self.c3 = GATConv(10, 3, heads=5, concat=False)
+
+    def forward(self, x, edge_index, edge_attr):
+        x = F.elu(self.c1(x, edge_index, edge_attr))
+        x = F.elu(self.c2(x, edge_index))
+        return self.c3(x, edge_index)
+
+
+def _inputs():
+    x, ei = random_graph(nodes=15, features=10, edges=50, seed=3)
+    return (x, ei, torch.randn(ei.shape[1], 4))
+
+
+@pytest.mark.parametrize("kind,sizes", [("heads", [3, 2]), ("head_dims", [6, 5])])
+def test_multi_layer_gat_prunes_heads_or_channels_exactly(kind, sizes):
+    torch.manual_seed(0)
+    net = EdgeGAT().eval()
+    x = _inputs()
+    graph = eg.trace(net, x, ignored_layers=[net.c3], attention_units=kind)
+    assert [(g.root, g.size) for g in graph.groups] == [("c1", sizes[0]), ("c2", sizes[1])]
+    assert not graph.skipped
+    assert_prune_equivalent(net, x, ignored_layers=[net.c3], attention_units=kind)
+    masked = copy.deepcopy(net)
+    for g in graph.groups:
+        g.zero_([0], model=masked)
+        g.prune([0])
+    with torch.no_grad():
+        torch.testing.assert_close(masked(*x), net(*x), rtol=1e-5, atol=1e-6)
+    if kind == "heads":
+        assert (net.c1.heads, net.c1.out_channels, net.c2.heads, net.c2.in_channels) == (2, 6, 1, 12)
+        assert net.c1.lin_edge.weight.shape == (12, 4) and net.c2.res.weight.shape == (5, 12)
+    else:
+        assert (net.c1.heads, net.c1.out_channels, net.c2.out_channels) == (3, 5, 4)
+    assert net.c3.lin.weight.shape[1] == net.c2.heads * net.c2.out_channels
+
+
+def test_averaged_heads_are_refused_with_reason_and_their_channels_prune():
+    torch.manual_seed(1)
+    net = nn.ModuleDict({"a": GATConv(8, 4, heads=3, concat=False), "b": GATConv(4, 2, heads=1)})
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = net
+
+        def forward(self, x, ei):
+            return self.m["b"](F.relu(self.m["a"](x, ei)), ei)
+    model = Net()
+    x = random_graph(nodes=10, features=8, seed=4)
+    graph = eg.trace(model, x, ignored_layers=[net["b"]])
+    assert [(g.root, g.size) for g in graph.groups] == [("m.a", 4)]
+    assert any("averages its heads" in s.reason for s in graph.skipped)
+    assert_prune_equivalent(model, x, ignored_layers=[net["b"]])
+
+
+def test_zoo_gat_heads_penalised_with_pivot_order():
+    m = eg.zoo.create("gat_cora")
+    x = eg.zoo.entry("gat_cora").example_inputs()
+    pruner = eg.ETPPruner(m, x, ignored_layers=[m.head], config=eg.ETPConfig(beta=1.0, c=5.0), pruning_ratio=0.5)
+    (g,) = pruner.graph.groups
+    assert g.size == 8                                   # heads of the first layer
+    sq = g.unit_norms().pow(2)
+    w = torch.exp(5.0 * torch.arange(8) / 8)
+    torch.testing.assert_close(pruner.penalty(), (w * sq).sum() / 8)
+    report = pruner.step()
+    assert m.convs[0].heads == 4 and m.convs[1].in_channels == 32 and report.macs_after < report.macs_before
+
+
+def test_planetoid_loader_reads_the_shared_cora_and_ppi_fails_clearly(tmp_path, monkeypatch):
+    from etp_graph.datasets import load_planetoid, load_ppi
+    monkeypatch.setenv("ETP_GRAPH_CACHE", str(tmp_path))
+    data = load_planetoid("Cora")
+    assert tuple(data.x.shape) == (2708, 1433) and int(data.train_mask.sum()) == 140
+    with pytest.raises(FileNotFoundError, match="PPI data not found"):
+        load_ppi(tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="ind.cora.x"):
+        load_planetoid("Cora", root=tmp_path / "empty")
