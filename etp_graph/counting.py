@@ -82,7 +82,7 @@ aten::numpy_T aten::stack aten::new_zeros aten::fill_ aten::copy_ aten::zero_ at
 aten::layer_norm aten::group_norm aten::batch_norm aten::instance_norm
 aten::circular_pad1d aten::circular_pad2d aten::reflection_pad1d aten::reflection_pad2d
 aten::replication_pad1d aten::replication_pad2d aten::_pad_circular aten::im2col
-aten::prelu aten::unflatten aten::gelu_ aten::softplus aten::new_ones aten::ones_like aten::zeros_like aten::triu aten::tril aten::masked_fill_ aten::expand_as aten::scatter_reduce_ aten::scatter_reduce aten::scatter_add aten::index_add_ aten::gather
+aten::prelu aten::unflatten aten::gelu_ aten::softplus aten::new_ones aten::ones_like aten::zeros_like aten::triu aten::tril aten::masked_fill_ aten::expand_as aten::scatter_reduce_ aten::scatter_reduce aten::scatter_add aten::index_add_ aten::gather aten::randint aten::topk aten::scatter aten::cumsum
 """.split())
 
 

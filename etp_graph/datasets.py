@@ -202,3 +202,63 @@ def load_ppi(root: Optional[Union[str, Path]] = None, split: str = "train"):
             "graph_id.npy,labels.npy} (the layout of torch_geometric.datasets.PPI) or its processed/ "
             "folder; this machine cannot download it, copy it there or pass root=")
     return PPI(str(root), split=split)
+
+
+# ---------------------------------------------------------------------------------- time series
+ETT_HORIZONS = (24, 48, 168, 336, 720)
+
+
+def _time_features(stamps) -> np.ndarray:
+    """Hour-of-day, day-of-week, day-of-month, day-of-year, each scaled to [-0.5, 0.5] (the
+    Informer ``timeF`` encoding for hourly data)."""
+    return np.array([[s.hour / 23.0 - 0.5, s.weekday() / 6.0 - 0.5, (s.day - 1) / 30.0 - 0.5,
+                      (s.timetuple().tm_yday - 1) / 365.0 - 0.5] for s in stamps], dtype=np.float32)
+
+
+def load_ett(name: str = "ETTh1", split: str = "train", seq_len: int = 96, label_len: int = 48,
+             pred_len: int = 24, root: Optional[Union[str, Path]] = None):
+    """Sliding windows over ``ETTh1.csv``/``ETTh2.csv`` with the standard Informer protocol:
+    12/4/4 months for train/val/test, all 7 variables, standard scaling fitted on train.
+
+    Returns a dict of tensors, one row per window: ``x_enc (N, seq_len, 7)``, ``x_mark_enc``,
+    ``x_dec (N, label_len + pred_len, 7)`` (the last ``pred_len`` steps zeroed, as Informer feeds
+    them), ``x_mark_dec``, and the target ``y (N, pred_len, 7)`` (scaled), plus ``mean``/``std``.
+    """
+    import csv
+    from datetime import datetime
+    if name not in ("ETTh1", "ETTh2"):
+        raise ValueError(f"name must be 'ETTh1' or 'ETTh2', got {name!r}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if pred_len <= 0 or seq_len <= 0 or not 0 <= label_len <= seq_len:
+        raise ValueError("need seq_len > 0, pred_len > 0 and 0 <= label_len <= seq_len")
+    path = (Path(root) if root is not None else default_data_dir() / "ETT-small") / f"{name}.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; put {name}.csv (github.com/zhouhaoyi/ETDataset, "
+                                "ETT-small/) there or pass root=")
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    header, rows = rows[0], rows[1:]
+    stamps = [datetime.fromisoformat(r[0]) for r in rows]
+    values = np.array([[float(v) for v in r[1:]] for r in rows], dtype=np.float32)
+    month = 30 * 24
+    starts = [0, 12 * month - seq_len, 16 * month - seq_len]
+    ends = [12 * month, 16 * month, 20 * month]
+    k = ("train", "val", "test").index(split)
+    train = values[:ends[0]]
+    mean, std = train.mean(0), train.std(0)
+    data = (values - mean) / std
+    marks = _time_features(stamps)
+    lo, hi = starts[k], ends[k]
+    n = hi - lo - seq_len - pred_len + 1
+    if n <= 0:
+        raise ValueError(f"{split} split of {name} is too short for seq_len={seq_len} + pred_len={pred_len}")
+    s = np.arange(n)[:, None] + lo
+    enc_idx = s + np.arange(seq_len)
+    dec_idx = s + seq_len - label_len + np.arange(label_len + pred_len)
+    x_dec = data[dec_idx].copy()
+    x_dec[:, label_len:] = 0.0
+    return {"x_enc": torch.from_numpy(data[enc_idx]), "x_mark_enc": torch.from_numpy(marks[enc_idx]),
+            "x_dec": torch.from_numpy(x_dec), "x_mark_dec": torch.from_numpy(marks[dec_idx]),
+            "y": torch.from_numpy(data[dec_idx[:, label_len:]]), "columns": header[1:],
+            "mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}
