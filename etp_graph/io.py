@@ -81,6 +81,9 @@ def load_pruned(factory_or_model: Union[nn.Module, Callable[[], nn.Module]],
                 setattr(m, k, tuple(v) if isinstance(v, list) and isinstance(getattr(m, k, None), tuple) else v)
             if hasattr(m, "_init_flat_weights"):
                 m._init_flat_weights()
+            if spec["attrs"].get("etp_surgery"):   # a pruned attention's replaced forward
+                from .handlers.attention import apply_surgery
+                apply_surgery(m)
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except Exception:
         for n, m in mods.items():

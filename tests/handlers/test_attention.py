@@ -230,3 +230,16 @@ def test_etp_penalty_on_heads_matches_the_closed_form():
     for h in (0, 5):
         rows = [blk * E + h * d + j for blk in range(3) for j in range(d)]
         torch.testing.assert_close(b.grad[rows], 2 * 0.3 * w[h] / H * b[rows].detach())
+
+
+def test_save_and_load_a_pruned_attention_model(tmp_path):
+    torch.manual_seed(7)
+    vit = TinyViT().eval()
+    mha = _MHAMasked().eval()
+    for model, x, head in ((vit, torch.randn(2, 3, 16, 16), vit.head), (mha, torch.randn(2, 5, 5), mha.head)):
+        eg.ETPPruner(model, x, ignored_layers=[head], pruning_ratio=0.34).step()
+        eg.save_pruned(model, tmp_path / "m.pt")
+        fresh = type(model)().eval() if model is vit else _MHAMasked().eval()
+        eg.load_pruned(fresh, tmp_path / "m.pt")
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(x), model(x))
