@@ -223,7 +223,7 @@ class CoupledGroup:
 
 def _snapshot(mod: nn.Module) -> dict:
     return {"_parameters": dict(mod._parameters), "_buffers": dict(mod._buffers), "class": type(mod),
-            "attrs": {k: v for k, v in vars(mod).items() if not k.startswith("_") or k == "_qkv_same_embed_dim"}}
+            "attrs": {k: v for k, v in vars(mod).items() if not k.startswith("_")}}
 
 
 def _restore(mod: nn.Module, state: dict) -> None:

@@ -714,7 +714,8 @@ def _owner_attr(owner: str, attr: str) -> Tuple[str, str]:
 
 
 def _internal_groups(name: str, m: nn.Module, gid: int, graph) -> List[Any]:
-    """Groups wholly inside ``m`` (attention heads), or ``SkippedGroup``s with the handler's reason."""
+    """Groups wholly inside ``m`` (attention heads), or ``SkippedGroup``s with the handler's reason;
+    the caller renumbers ``id`` as it keeps them."""
     out: List[Any] = []
     for spec in get_handler(m).internal_groups(m):
         if spec.reason:
@@ -729,7 +730,7 @@ def _internal_groups(name: str, m: nn.Module, gid: int, graph) -> List[Any]:
             pos, index = s.index(units)
             owner, attr = _owner_attr(name, s.attr)
             items.append(SliceItem(owner, attr, s.dim, units[pos], index, name, spec.label, units[pos]))
-        out.append(CoupledGroup(graph, gid + len(out), name, spec.size, items, True, ["attention"]))
+        out.append(CoupledGroup(graph, gid, name, spec.size, items, True, ["attention"]))
     return out
 
 

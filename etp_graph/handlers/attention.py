@@ -41,7 +41,7 @@ from torch import nn
 
 from .base import InternalGroup, LayerHandler, TensorSlice, register_handler
 
-__all__ = ["attention_units", "PrunedMultiheadAttention", "apply_surgery", "UNIT_KINDS"]
+__all__ = ["attention_units", "current_units", "PrunedMultiheadAttention", "apply_surgery", "UNIT_KINDS"]
 
 UNIT_KINDS = ("heads", "head_dims")
 _UNITS: contextvars.ContextVar = contextvars.ContextVar("etp_attention_units", default="heads")
@@ -57,6 +57,11 @@ def attention_units(kind: str):
         yield
     finally:
         _UNITS.reset(token)
+
+
+def current_units() -> str:
+    """The unit kind of head-structured groups in the running trace (``"heads"`` by default)."""
+    return _UNITS.get()
 
 
 def _head_rows(heads: int, dim: int, offset: int, kind: str):
@@ -148,6 +153,16 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
     Same parameters and call signature; the forward reads the head count and width from
     ``num_heads``/``head_dim`` and keeps the scale ``etp_scale`` of the unpruned module.
     """
+
+    @property
+    def _qkv_same_embed_dim(self) -> bool:
+        # False: the fused fast paths of nn.TransformerEncoder(Layer) derive head_dim from
+        # embed_dim. A property, so restoring the original class restores the original flag.
+        return False
+
+    @_qkv_same_embed_dim.setter
+    def _qkv_same_embed_dim(self, value: bool) -> None:
+        self.__dict__["_qkv_same_embed_dim"] = value
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -428,8 +443,6 @@ def apply_surgery(m: nn.Module) -> None:
                 m.etp_scale = float(m.head_dim) ** -0.5
             m.etp_surgery = "mha"
             m.__class__ = PrunedMultiheadAttention
-        # the fused fast paths of nn.TransformerEncoder(Layer) derive head_dim from embed_dim
-        m._qkv_same_embed_dim = False
         return
     if getattr(m, "etp_surgery", None) == "fused_qkv":
         cls = type(m)

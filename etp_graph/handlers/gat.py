@@ -22,7 +22,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from .attention import _UNITS
+from .attention import current_units
 from .base import InternalGroup, LayerHandler, TensorSlice, register_handler
 
 
@@ -67,7 +67,7 @@ class GATConvHandler(LayerHandler):
         if role == "in":
             out = [TensorSlice(f"{n}.weight", 1) for n in self._lins(m)]
             return out + ([TensorSlice("res.weight", 1)] if m.res is not None else [])
-        H, C, kind = m.heads, m.out_channels, _UNITS.get()
+        H, C, kind = m.heads, m.out_channels, current_units()
         rows = (lambda ch: (torch.arange(len(ch)), ch)) if m.concat else _every_head(H, C)
         if not m.concat:
             kind = "head_dims"    # the outputs are per-head channels already
@@ -84,13 +84,13 @@ class GATConvHandler(LayerHandler):
         return out
 
     def period(self, m, role):
-        return m.out_channels if role == "out" and m.concat and _UNITS.get() == "head_dims" else None
+        return m.out_channels if role == "out" and m.concat and current_units() == "head_dims" else None
 
     def block(self, m, role):
-        return m.out_channels if role == "out" and m.concat and _UNITS.get() == "heads" else None
+        return m.out_channels if role == "out" and m.concat and current_units() == "heads" else None
 
     def internal_groups(self, m):
-        if m.concat or _UNITS.get() != "heads":
+        if m.concat or current_units() != "heads":
             return []
         return [InternalGroup("heads", m.heads, (), "GATConv(concat=False) averages its heads: removing one "
                                                     "rescales the mean, so it cannot equal masking")]
