@@ -43,7 +43,7 @@ def _demo(args) -> int:
     acc = {"dense (pretrained)": evaluate(model, test_x, test_y, desc="eval dense")}
     print(f"dense accuracy: {acc['dense (pretrained)']:.2f}%")
 
-    config = ETPConfig(beta=args.beta, c=args.c, pivot=0, profile="exp", norm="l2")
+    config = ETPConfig(beta=args.beta, c=args.c, pivot=0, profile="exp", norm="l2", order=args.order)
     pruner = ETPPruner(model, x, ignored_layers=heads, config=config, target_speedup=args.speedup,
                          max_pruning_ratio=args.max_ratio)
     print(f"traced: {len(pruner.graph.groups)} coupled groups, {len(pruner.graph.skipped)} skipped; "
@@ -103,6 +103,8 @@ def main(argv=None) -> int:
     d.add_argument("--beta", type=float, default=0.1, help="ETP strength")
     d.add_argument("--max-ratio", type=float, default=None, help="remove at most this fraction of a group's units")
     d.add_argument("--c", type=float, default=5.0, help="ETP exponent")
+    d.add_argument("--order", choices=("index", "norm"), default="norm",
+                   help="place units along the ETP profile by index (public code) or by pretrained norm")
     d.add_argument("--lr", type=float, default=0.01)
     d.add_argument("--batch-size", type=int, default=128)
     d.add_argument("--test-images", type=int, default=None, help="evaluate on a random subset")

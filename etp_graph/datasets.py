@@ -22,7 +22,7 @@ from typing import Iterator, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ["load_cifar", "load_planetoid", "load_ppi", "load_ett", "default_data_dir", "normalize", "augment", "batches", "CIFAR_MEAN", "CIFAR_STD"]
+__all__ = ["load_cifar", "load_planetoid", "load_ppi", "load_ett", "load_sst2", "default_data_dir", "normalize", "augment", "batches", "CIFAR_MEAN", "CIFAR_STD"]
 
 #: the normalisation the pretrained CIFAR ResNets (akamaster/pytorch_resnet_cifar10) were trained with
 CIFAR_MEAN = (0.485, 0.456, 0.406)
@@ -262,3 +262,32 @@ def load_ett(name: str = "ETTh1", split: str = "train", seq_len: int = 96, label
             "x_dec": torch.from_numpy(x_dec), "x_mark_dec": torch.from_numpy(marks[dec_idx]),
             "y": torch.from_numpy(data[dec_idx[:, label_len:]]), "columns": header[1:],
             "mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}
+
+
+# ----------------------------------------------------------------------------------------- text
+def load_sst2(split: str = "train", root: Optional[Union[str, Path]] = None) -> Tuple[List[str], torch.Tensor]:
+    """GLUE SST-2 sentences and labels (0 negative, 1 positive) from ``<root>/<split>.tsv``
+    (default ``<data>/SST-2``; header ``sentence\\tlabel``, GLUE's layout, read with
+    ``csv.QUOTE_NONE``). ``split`` is ``train`` (67,349) or ``dev`` (872): GLUE's test labels are
+    hidden, so it is refused."""
+    import csv
+    if split not in ("train", "dev"):
+        raise ValueError(f"split must be 'train' or 'dev' (GLUE hides the SST-2 test labels), got {split!r}")
+    root = Path(root) if root is not None else default_data_dir() / "SST-2"
+    path = root / f"{split}.tsv"
+    if not path.is_file():
+        raise FileNotFoundError(f"SST-2 {split} split not found: {path}; put GLUE's SST-2 "
+                                f"{{train,dev}}.tsv there (header 'sentence\\tlabel') or pass root=")
+    sentences, labels = [], []
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if header is None or "sentence" not in header or "label" not in header:
+            raise ValueError(f"{path}: expected a header with 'sentence' and 'label', got {header!r}")
+        si, li = header.index("sentence"), header.index("label")
+        for k, row in enumerate(reader, start=2):
+            if len(row) != len(header):
+                raise ValueError(f"{path}:{k}: expected {len(header)} tab-separated fields, got {len(row)}")
+            sentences.append(row[si])
+            labels.append(int(row[li]))
+    return sentences, torch.tensor(labels, dtype=torch.long)

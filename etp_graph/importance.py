@@ -18,10 +18,11 @@ from .torque import ETPConfig
 __all__ = ["ETPImportance", "ETPRegularizedPruner", "removal_order"]
 
 
-def removal_order(scores: torch.Tensor, pivot: int) -> torch.Tensor:
-    """Unit indices, first to remove first: lowest score, ties broken farthest from the pivot."""
+def removal_order(scores: torch.Tensor, pivot: int, places: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Unit indices, first to remove first: lowest score, ties broken farthest from the pivot
+    (along the regulariser's ``places``; by index when not given)."""
     n = len(scores)
-    dist = (torch.arange(n) - pivot).abs()
+    dist = ((torch.arange(n) if places is None else places.cpu()) - pivot).abs()
     # sort by distance (far first), then stably by score: equal scores keep far-first order
     by_dist = torch.argsort(-dist, stable=True)
     return by_dist[torch.argsort(scores.detach().cpu()[by_dist], stable=True)]

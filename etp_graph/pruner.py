@@ -152,7 +152,8 @@ class ETPPruner:
         return s.sqrt() if self.config.norm == "l2" else s
 
     def _order(self, group: CoupledGroup) -> torch.Tensor:
-        return removal_order(self.importance(group), self.config.pivot_of(group.size))
+        return removal_order(self.importance(group), self.config.pivot_of(group.size),
+                             self.regularizer.places(group))
 
     def plan(self) -> Dict[int, List[int]]:
         """Group id → units to remove, for the configured target; changes nothing."""

@@ -9,7 +9,10 @@ input columns), the penalty is
     s_g[i] = Σ |θ| over unit i  (norm="l1", the public code's variant)
 
 with the weight profile ``w(i) = exp(c·|i − p|/N)`` (:class:`ETP`) or ``|i − p|/N``
-(:class:`Torque`), ``p`` the pivot unit. Units far from the pivot pay exponentially more, so
+(:class:`Torque`), ``p`` the pivot unit. ``i`` is the unit's place in the group's ordering: its
+index (``order="index"``, the public code) or, with ``order="norm"``, its rank by coupled norm
+when the regulariser is built (the strongest unit sits on the pivot, the weakest farthest away),
+which is what a pretrained model wants: the penalty then empties the units that matter least. Units far from the pivot pay exponentially more, so
 training concentrates the group's information near the pivot and drives the far units to zero.
 
 The regularisers are shaped like ``torch.optim``: one base class, one hook (:meth:`weights`),
@@ -44,6 +47,10 @@ class ETPConfig:
         norm: ``"l2"`` (squared L2 per unit, the paper) or ``"l1"`` (the public code).
         zero_below: if set, :meth:`Regularizer.zero_small_` zeroes single regularised weights
             whose magnitude is below it (the public code does this with 5e-4 after each epoch).
+        order: how a group's units are placed along the profile: ``"index"`` (unit ``i`` at
+            place ``i``, the public code) or ``"norm"`` (ranked once, when the regulariser is
+            built, by coupled norm: the strongest unit on the pivot, then outwards, nearer
+            places first and lower places first on ties).
     """
 
     beta: float
@@ -52,6 +59,7 @@ class ETPConfig:
     profile: str = "exp"
     norm: str = "l2"
     zero_below: Optional[float] = None
+    order: str = "index"
 
     def __post_init__(self):
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
@@ -64,6 +72,8 @@ class ETPConfig:
             raise ValueError(f"ETPConfig.profile must be 'exp' (ETP) or 'linear' (Torque), got {self.profile!r}")
         if self.norm not in ("l2", "l1"):
             raise ValueError(f"ETPConfig.norm must be 'l2' or 'l1', got {self.norm!r}")
+        if self.order not in ("index", "norm"):
+            raise ValueError(f"ETPConfig.order must be 'index' or 'norm', got {self.order!r}")
         if self.zero_below is not None and not (self.zero_below > 0):
             raise ValueError(f"ETPConfig.zero_below must be None or > 0, got {self.zero_below!r}")
 
@@ -87,16 +97,42 @@ class Regularizer:
         self.groups = list(groups)
         self.config = config
         self.model = model if model is not None else (self.groups[0]._graph.model if self.groups else None)
+        self._slot = {id(g): k for k, g in enumerate(self.groups)}
+        self._places: List[torch.Tensor] = [self._rank(g) for g in self.groups]
 
     # ---------------------------------------------------------------------------------- hook
     def weights(self, n: int, pivot: int) -> torch.Tensor:
         """``Tensor[n]``: the weight of each unit of a group with ``n`` units and this pivot."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------------------ ordering
+    @torch.no_grad()
+    def _rank(self, group: CoupledGroup) -> torch.Tensor:
+        n = group.size
+        if self.config.order == "index":
+            return torch.arange(n)
+        pivot = self.config.pivot_of(n)
+        slots = torch.argsort((torch.arange(n) - pivot).abs(), stable=True)     # pivot, then outwards
+        strongest = torch.argsort(-group.unit_sums(self.model, self.config.norm).detach().cpu(), stable=True)
+        places = torch.empty(n, dtype=torch.long)
+        places[strongest] = slots
+        return places
+
+    def places(self, group: CoupledGroup) -> torch.Tensor:
+        """``Tensor[size]`` of longs: each unit's place along the weight profile. A group that
+        changed size (it was pruned) is ranked again from its current norms."""
+        k = self._slot.get(id(group))
+        if k is None:
+            raise KeyError(f"group {group.root!r} is not one of this regulariser's groups")
+        if len(self._places[k]) != group.size:
+            self._places[k] = self._rank(group)
+        return self._places[k]
+
     # ------------------------------------------------------------------------------ penalty
     def group_weights(self, group: CoupledGroup) -> torch.Tensor:
+        """``Tensor[size]``: the weight of each unit of ``group`` (profile at the unit's place)."""
         n = group.size
-        return self.weights(n, self.config.pivot_of(n))
+        return self.weights(n, self.config.pivot_of(n))[self.places(group)]
 
     def penalty(self) -> torch.Tensor:
         """The penalty ``R`` as a differentiable scalar: add it to the task loss."""
@@ -148,7 +184,8 @@ class Regularizer:
     # -------------------------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
         return {"kind": type(self).__name__, "config": dataclasses.asdict(self.config),
-                "groups": [(g.root, g.size) for g in self.groups]}
+                "groups": [(g.root, g.size) for g in self.groups],
+                "places": [p.tolist() for p in self._places]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore the configuration; the groups must be those the state was saved with."""
@@ -160,6 +197,10 @@ class Regularizer:
         if state.get("kind") != type(self).__name__:
             raise ValueError(f"state is for a {state.get('kind')} regulariser, this is {type(self).__name__}")
         self.config = ETPConfig(**state["config"])
+        if "places" in state:
+            self._places = [torch.tensor(p, dtype=torch.long) for p in state["places"]]
+        else:
+            self._places = [self._rank(g) for g in self.groups]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(groups={len(self.groups)}, config={self.config})"

@@ -71,6 +71,9 @@ def test_pruning_ratio_removes_lowest_and_breaks_ties_far_from_pivot():
     from etp_graph.importance import removal_order
     assert removal_order(torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0]), pivot=0).tolist()[:3] == [3, 2, 0]
     assert removal_order(torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0]), pivot=3).tolist()[:3] == [0, 2, 3]
+    # along the regulariser's places (order="norm"): unit 2 sits farthest, then unit 0
+    places = torch.tensor([3, 1, 4, 0, 2])
+    assert removal_order(torch.tensor([0.0, 1.0, 0.0, 0.0, 2.0]), 0, places).tolist()[:3] == [2, 0, 3]
 
 
 def test_threshold_removes_the_units_driven_to_zero_with_output_unchanged():

@@ -95,6 +95,53 @@ def test_l1_norm_penalty_and_gradient():
     assert torch.allclose(net[0].weight.grad, 0.1 * (w / 5).view(5, 1) * net[0].weight.sign())
 
 
+@pytest.mark.parametrize("pivot", [0, "center"])
+def test_order_norm_places_the_strongest_unit_on_the_pivot(pivot):
+    torch.manual_seed(4)
+    net = Net()
+    cfg = eg.ETPConfig(beta=0.02, c=4.0, pivot=pivot, order="norm")
+    pruner = eg.ETPPruner(net, X, ignored_layers=[net.head], config=cfg, pruning_ratio=0.5)
+    expect = 0.0
+    for g, s in zip(pruner.graph.groups, _unit_sq(net)):
+        n = len(s)
+        p = n // 2 if pivot == "center" else 0
+        # hand-made ranking: the k-th strongest unit takes the k-th nearest place to the pivot
+        slots = sorted(range(n), key=lambda i: (abs(i - p), i))
+        places = torch.empty(n, dtype=torch.long)
+        for k, unit in enumerate(sorted(range(n), key=lambda i: -float(s[i].detach()))):
+            places[unit] = slots[k]
+        assert pruner.regularizer.places(g).tolist() == places.tolist()
+        expect = expect + (_w(n, p, 4.0, "exp")[places] * s).sum() / n
+    assert torch.allclose(pruner.penalty(), 0.02 * expect.detach(), rtol=1e-5)
+    # the gradient follows the places too, and apply_() still equals backward()
+    pruner.penalty().backward()
+    w4 = _w(4, 0 if pivot == 0 else 2, 4.0, "exp")[pruner.regularizer.places(pruner.graph.groups[0])]
+    assert torch.allclose(net.a.weight.grad, 2 * 0.02 * (w4 / 4).view(4, 1, 1, 1) * net.a.weight, rtol=1e-5)
+    auto = net.a.weight.grad.clone()
+    net.zero_grad(set_to_none=True)
+    pruner.apply_()
+    assert torch.allclose(net.a.weight.grad, auto, rtol=1e-5)
+
+
+def test_order_norm_is_fixed_at_build_and_survives_state_dict():
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    with torch.no_grad():
+        net[0].weight.mul_(torch.tensor([1.0, 4.0, 0.1, 2.0, 0.5]).view(5, 1))
+    graph = eg.trace(net, torch.randn(2, 3), ignored_layers=[net[2]])
+    reg = eg.ETP(graph.groups, eg.ETPConfig(beta=1.0, order="norm"))
+    places = reg.places(graph.groups[0]).tolist()
+    assert places[1] == 0 and places[2] == 4            # strongest on pivot 0, weakest farthest
+    with torch.no_grad():                               # training changes the norms, not the places
+        net[0].weight.mul_(torch.tensor([9.0, 0.0, 9.0, 0.0, 9.0]).view(5, 1))
+    assert reg.places(graph.groups[0]).tolist() == places
+    other = eg.ETP(graph.groups, eg.ETPConfig(beta=1.0, order="norm"))   # ranked from the new norms
+    assert other.places(graph.groups[0]).tolist() != places
+    other.load_state_dict(reg.state_dict())
+    assert other.places(graph.groups[0]).tolist() == places
+    assert eg.ETP(graph.groups, eg.ETPConfig(beta=1.0)).places(graph.groups[0]).tolist() == list(range(5))
+
+
 def test_zero_below_and_state_dict_round_trip():
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     with torch.no_grad():
@@ -113,6 +160,7 @@ def test_zero_below_and_state_dict_round_trip():
     (dict(beta=-1), "beta"), (dict(beta=math.nan), "beta"), (dict(beta=1, c=-2), "c"),
     (dict(beta=1, pivot="left"), "pivot"), (dict(beta=1, pivot=-1), "pivot"), (dict(beta=1, pivot=True), "pivot"),
     (dict(beta=1, profile="cubic"), "profile"), (dict(beta=1, norm="l3"), "norm"), (dict(beta=1, zero_below=0), "zero_below"),
+    (dict(beta=1, order="random"), "order"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -123,4 +171,4 @@ def test_config_is_frozen():
     cfg = eg.ETPConfig(beta=1e-4)
     with pytest.raises(Exception):
         cfg.beta = 1.0
-    assert (cfg.c, cfg.pivot, cfg.profile, cfg.norm, cfg.zero_below) == (5.0, 0, "exp", "l2", None)
+    assert (cfg.c, cfg.pivot, cfg.profile, cfg.norm, cfg.zero_below, cfg.order) == (5.0, 0, "exp", "l2", None, "index")
