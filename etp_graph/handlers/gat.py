@@ -1,4 +1,4 @@
-"""PyTorch Geometric ``GATConv``: heads and per-head channels as units.
+"""PyTorch Geometric ``GATConv`` and ``GATv2Conv``: heads and per-head channels as units.
 
 ``GATConv(in, C, heads=H)`` computes ``x' = lin(x).view(N, H, C)``, attention logits
 ``(x'·att_src).sum(-1)`` and ``(x'·att_dst).sum(-1)`` per head, and either concatenates the heads
@@ -12,6 +12,10 @@ Units, chosen per trace with ``attention_units`` (as for transformer attention):
   ``concat=False`` heads are averaged, so removing one rescales the mean and cannot equal
   masking: those heads are reported in ``graph.skipped`` with that reason.
 * ``"head_dims"``: channel ``c`` of every head, i.e. ``att_*[:, :, c]`` and the matching rows.
+
+``GATv2Conv`` is the same family: its ``lin_l``/``lin_r`` (one module when ``share_weights``)
+take the place of ``lin``, its single ``att`` the place of ``att_src``/``att_dst``; a channel
+whose rows are zero adds ``leaky_relu(0)·att = 0`` to the logits, so both unit kinds are exact.
 
 Pruning rewrites ``heads``/``out_channels``/``in_channels`` and the inner ``Linear`` sizes.
 """
@@ -27,7 +31,12 @@ from .base import InternalGroup, LayerHandler, TensorSlice, register_handler
 
 
 def _is_gat(m: nn.Module) -> bool:
-    return any(c.__name__ == "GATConv" and c.__module__.startswith("torch_geometric") for c in type(m).__mro__)
+    return any(c.__name__ in ("GATConv", "GATv2Conv") and c.__module__.startswith("torch_geometric")
+               for c in type(m).__mro__)
+
+
+def _is_v2(m: nn.Module) -> bool:
+    return hasattr(m, "lin_l") and hasattr(m, "att")
 
 
 def _att_index(C: int, kind: str):
@@ -56,11 +65,21 @@ class GATConvHandler(LayerHandler):
 
     @staticmethod
     def _lins(m) -> List[str]:
+        """The node-feature projections (``H·C`` rows each), each module once."""
+        if _is_v2(m):
+            return ["lin_l"] if m.lin_r is m.lin_l else ["lin_l", "lin_r"]
         return ["lin"] if m.lin is not None else ["lin_src", "lin_dst"]
 
+    @staticmethod
+    def _atts(m) -> List[str]:
+        if _is_v2(m):
+            return ["att"]
+        return ["att_src", "att_dst"] + (["att_edge"] if m.lin_edge is not None else [])
+
     def unsupported(self, m, role):
-        if role == "in" and m.lin is None:
-            return "a bipartite GATConv (lin_src/lin_dst) reads two node sets; its input width is not pruned"
+        if role == "in" and not isinstance(m.in_channels, int):
+            return (f"a bipartite {type(m).__name__} (in_channels={m.in_channels}) reads two node sets; "
+                    "its input width is not pruned")
         return None
 
     def slices(self, m, role):
@@ -71,12 +90,10 @@ class GATConvHandler(LayerHandler):
         rows = (lambda ch: (torch.arange(len(ch)), ch)) if m.concat else _every_head(H, C)
         if not m.concat:
             kind = "head_dims"    # the outputs are per-head channels already
-        out = [TensorSlice(f"{n}.weight", 0, rows) for n in self._lins(m)]
-        out += [TensorSlice(a, 2 if kind == "head_dims" else 1, _att_index(C, kind))
-                for a in ("att_src", "att_dst")]
-        if m.lin_edge is not None:
-            out += [TensorSlice("lin_edge.weight", 0, rows), TensorSlice("att_edge", 2 if kind == "head_dims" else 1,
-                                                                     _att_index(C, kind))]
+        lins = self._lins(m) + (["lin_edge"] if m.lin_edge is not None else [])
+        out = [TensorSlice(f"{n}.{p}", 0, rows) for n in lins for p in ("weight", "bias")
+               if getattr(getattr(m, n), p, None) is not None]
+        out += [TensorSlice(a, 2 if kind == "head_dims" else 1, _att_index(C, kind)) for a in self._atts(m)]
         if m.bias is not None:
             out.append(TensorSlice("bias", 0))
         if m.res is not None:
@@ -92,16 +109,17 @@ class GATConvHandler(LayerHandler):
     def internal_groups(self, m):
         if m.concat or current_units() != "heads":
             return []
-        return [InternalGroup("heads", m.heads, (), "GATConv(concat=False) averages its heads: removing one "
-                                                    "rescales the mean, so it cannot equal masking")]
+        return [InternalGroup("heads", m.heads, (), f"{type(m).__name__}(concat=False) averages its heads: "
+                                                    "removing one rescales the mean, so it cannot equal masking")]
 
     def refresh(self, m, removed):
-        m.heads, m.out_channels = m.att_src.shape[1], m.att_src.shape[2]
+        att = getattr(m, self._atts(m)[0])
+        m.heads, m.out_channels = att.shape[1], att.shape[2]
         for n in self._lins(m) + [n for n in ("lin_edge", "res") if getattr(m, n) is not None]:
             lin = getattr(m, n)
             lin.out_channels, lin.in_channels = lin.weight.shape
-        if m.lin is not None:
-            m.in_channels = m.lin.in_channels
+        if isinstance(m.in_channels, int):
+            m.in_channels = getattr(m, self._lins(m)[0]).in_channels
 
     def num_channels(self, m, role):
         if role == "out":

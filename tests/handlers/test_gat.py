@@ -96,3 +96,46 @@ def test_planetoid_loader_reads_the_shared_cora_and_ppi_fails_clearly(tmp_path, 
         load_ppi(tmp_path / "none")
     with pytest.raises(FileNotFoundError, match="ind.cora.x"):
         load_planetoid("Cora", root=tmp_path / "empty")
+
+
+class V2GAT(nn.Module):
+    """GATv2Conv layers: separate lin_l/lin_r with biases, shared weights, edge features, residual,
+    an averaged output layer; and a GATConv between them (mixed family)."""
+
+    def __init__(self):
+        super().__init__()
+        from torch_geometric.nn import GATv2Conv
+        self.c1 = GATv2Conv(10, 4, heads=3, edge_dim=4)
+        self.c2 = GATv2Conv(12, 5, heads=2, share_weights=True, residual=True)
+        self.c3 = GATConv(10, 3, heads=4)
+        self.c4 = GATv2Conv(12, 3, heads=2, concat=False)
+
+    def forward(self, x, edge_index, edge_attr):
+        x = F.elu(self.c1(x, edge_index, edge_attr))
+        x = F.elu(self.c2(x, edge_index))
+        x = F.elu(self.c3(x, edge_index))
+        return self.c4(x, edge_index)
+
+
+@pytest.mark.parametrize("kind,sizes", [("heads", [3, 2, 4]), ("head_dims", [4, 5, 3])])
+def test_gatv2_prunes_heads_or_channels_exactly(kind, sizes):
+    torch.manual_seed(5)
+    net = V2GAT().eval()
+    x = _inputs()
+    graph = eg.trace(net, x, ignored_layers=[net.c4], attention_units=kind)
+    assert [(g.root, g.size) for g in graph.groups] == list(zip(["c1", "c2", "c3"], sizes))
+    assert not graph.skipped
+    assert_prune_equivalent(net, x, ignored_layers=[net.c4], attention_units=kind)
+    masked = copy.deepcopy(net)
+    for g in graph.groups:
+        g.zero_([1], model=masked)
+        g.prune([1])
+    with torch.no_grad():
+        torch.testing.assert_close(masked(*x), net(*x), rtol=1e-5, atol=1e-6)
+    if kind == "heads":
+        assert (net.c1.heads, net.c1.att.shape, net.c1.lin_r.bias.shape) == (2, (1, 2, 4), (8,))
+        assert net.c2.lin_r is net.c2.lin_l and net.c2.lin_l.weight.shape == (5, 8)
+        assert net.c2.res.weight.shape == (5, 8) and net.c3.lin.weight.shape == (9, 5)
+    else:
+        assert (net.c1.heads, net.c1.out_channels, net.c1.lin_edge.weight.shape) == (3, 3, (9, 4))
+    assert net.c4.lin_l.weight.shape[1] == net.c3.heads * net.c3.out_channels
