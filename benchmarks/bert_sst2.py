@@ -5,8 +5,9 @@ units to the same MACs target, side by side in one run.
 
 1. Fine-tune the dense model (``--steps``, AdamW lr 5e-5, batch 32, length ≤ 64): the dense
    reference, accuracy on the 872 GLUE dev sentences.
-2. Two arms from that same checkpoint: ``--etp-steps`` more steps with the ETP penalty
-   (``order="norm"``: units ranked by their fine-tuned norm) or without it (β = 0); then
+2. Two arms from that same checkpoint: ``--etp-steps`` more steps with ETP (``order="norm"``:
+   units ranked by their fine-tuned norm; applied decoupled, ``pruner.decay_(--etp-lr)`` after
+   each AdamW step, as AdamW decouples weight decay) or without it (β = 0); then
    ``eg.ETPPruner(target_speedup=…)`` removes heads, FFN units and (with ``--hidden``) hidden
    units, globally by norm per MAC saved; then ``--finetune`` steps; dev accuracy.
 
@@ -44,7 +45,7 @@ def accuracy(model, tok, sentences, labels, max_len, batch=128) -> float:
     return 100.0 * correct / len(sentences)
 
 
-def train(model, tok, sentences, labels, steps, lr, batch, max_len, seed, pruner=None, desc=None):
+def train(model, tok, sentences, labels, steps, lr, batch, max_len, seed, pruner=None, etp_lr=0.0, desc=None):
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / max(steps, 1))
@@ -53,12 +54,12 @@ def train(model, tok, sentences, labels, steps, lr, batch, max_len, seed, pruner
         idx = torch.randint(0, len(sentences), (batch,), generator=g)
         x = _encode(tok, [sentences[i] for i in idx], max_len)
         loss = F.cross_entropy(model(**x), labels[idx])
-        if pruner is not None:
-            loss = loss + pruner.penalty()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        if pruner is not None:      # decoupled ETP: Adam would rescale a penalty inside the loss
+            pruner.decay_(etp_lr)
     model.eval()
 
 
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=400, help="dense fine-tuning steps")
     p.add_argument("--etp-steps", type=int, default=300)
     p.add_argument("--finetune", type=int, default=200)
-    p.add_argument("--beta", type=float, default=0.05)
+    p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--etp-lr", type=float, default=0.006, help="step size of the decoupled ETP step")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-len", type=int, default=64)
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
             pruner.graph.groups[:] = [g for g in pruner.graph.groups if g not in hidden]
             pruner.regularizer = eg.make_regularizer(pruner.graph.groups, pruner.config, m)
         train(m, tok, train_x, train_y, args.etp_steps, args.lr, args.batch, args.max_len, 1,
-              pruner if beta > 0 else None, desc=f"beta={beta:g}")
+              pruner if beta > 0 else None, args.etp_lr, desc=f"beta={beta:g}")
         before = accuracy(m, tok, dev_x, dev_y, args.max_len)
         report = pruner.step(measure_latency=True, latency_repeat=10)
         pruned = accuracy(m, tok, dev_x, dev_y, args.max_len)

@@ -24,7 +24,7 @@ def _inspect(args) -> int:
 
 def _demo(args) -> int:
     """Pretrained ResNet-56 on CIFAR-10 (JPEG): ETP fine-tune → prune to a MACs target → fine-tune."""
-    from .datasets import load_cifar
+    from .datasets import load_cifar, normalize
     from .pruner import ETPPruner
     from .torque import ETPConfig
     from .train import evaluate, train_steps
@@ -58,7 +58,10 @@ def _demo(args) -> int:
     print(f"ETP fine-tune: {args.etp_steps} steps, last task loss {loss:.3f}, penalty "
           f"{float(pruner.penalty()):.4f}, accuracy {acc['dense after ETP training']:.2f}%")
 
+    batch = normalize(test_x[:args.batch_size])      # latency also at a realistic batch
+    lat_batch = [measure_latency(model, batch, warmup=2, repeat=10)["median_ms"]]
     report = pruner.step(measure_latency=True, latency_repeat=20)
+    lat_batch.append(measure_latency(model, batch, warmup=2, repeat=10)["median_ms"])
     acc["pruned, before fine-tune"] = evaluate(model, test_x, test_y, desc="eval pruned")
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.finetune_steps, 1))
@@ -68,6 +71,8 @@ def _demo(args) -> int:
 
     print()
     print(report)
+    print(f"latency, batch of {len(batch)} test images (median of 10): {lat_batch[0]:.1f} -> "
+          f"{lat_batch[1]:.1f} ms ({lat_batch[0] / lat_batch[1]:.2f}x)")
     print(f"\naccuracy on the same {len(test_y):,} test images:")
     for k, v in acc.items():
         print(f"  {k:28}{v:6.2f}%")
@@ -83,6 +88,7 @@ def _demo(args) -> int:
                "accuracy": acc, "test_images": len(test_y), "seconds": round(total, 1),
                "macs": [report.macs_before, report.macs_after], "params": [report.params_before, report.params_after],
                "speedup": report.speedup, "latency_ms": [report.latency_before["median_ms"], report.latency_after["median_ms"]],
+               "latency_ms_batch": [len(batch)] + lat_batch,
                "units_kept": report.units_kept}
         out["config"].pop("func", None)
         with open(args.json, "w") as fh:

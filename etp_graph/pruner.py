@@ -145,6 +145,10 @@ class ETPPruner:
         """Add the penalty's gradient to ``.grad`` (call after ``loss.backward()``)."""
         self.regularizer.apply_()
 
+    def decay_(self, lr: float) -> None:
+        """Decoupled ETP step ``θ ← θ − lr·∂R/∂θ`` (call after ``optimizer.step()``; for Adam)."""
+        self.regularizer.decay_(lr)
+
     # ------------------------------------------------------------------------------ ranking
     def importance(self, group: CoupledGroup) -> torch.Tensor:
         """``Tensor[size]``: the unit's coupled norm (L2, or L1 sum for ``norm="l1"``)."""

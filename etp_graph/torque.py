@@ -17,7 +17,8 @@ training concentrates the group's information near the pivot and drives the far 
 
 The regularisers are shaped like ``torch.optim``: one base class, one hook (:meth:`weights`),
 ``penalty()`` (a loss term), ``apply_()`` (adds the same gradient to ``.grad`` after
-``backward()``), ``state_dict()`` / ``load_state_dict()``.
+``backward()``), ``decay_(lr)`` (a decoupled step on the penalty alone, for Adam),
+``state_dict()`` / ``load_state_dict()``.
 """
 from __future__ import annotations
 
@@ -146,24 +147,53 @@ class Regularizer:
         return self.config.beta * total
 
     @torch.no_grad()
+    def _gradients(self) -> Dict[int, torch.Tensor]:
+        """``id(param) → ∂R/∂param`` for every regularised parameter (one buffer each)."""
+        beta, l2 = self.config.beta, self.config.norm == "l2"
+        out: Dict[int, torch.Tensor] = {}
+        for g in self.groups:
+            coef = self.group_weights(g) * (beta / g.size) * (2.0 if l2 else 1.0)
+            for it, t, pairs in g.parameter_slices(self.model):
+                buf = out.get(id(t))
+                if buf is None:
+                    buf = out[id(t)] = torch.zeros_like(t)
+                units, index = pairs[0].to(t.device), pairs[1].to(t.device)
+                theta = t.detach().index_select(it.dim, index)
+                grad = theta if l2 else theta.sign()
+                shape = [1] * t.dim()
+                shape[it.dim] = -1
+                buf.index_add_(it.dim, index, grad * coef.to(t)[units].view(shape))
+        return out
+
+    def _parameters(self) -> Dict[int, torch.Tensor]:
+        return {id(t): t for g in self.groups for _, t, _ in g.parameter_slices(self.model)}
+
+    @torch.no_grad()
     def apply_(self) -> None:
         """Add ``∂R/∂θ`` to every regularised parameter's ``.grad`` (call after ``backward()``).
 
         ``∂R/∂θ = 2·beta·w(i)/N · θ`` (``l2``) or ``beta·w(i)/N · sign(θ)`` (``l1``) for each
         slice of unit ``i``; the same as ``penalty().backward()`` without building its graph.
         """
-        beta, l2 = self.config.beta, self.config.norm == "l2"
-        for g in self.groups:
-            coef = self.group_weights(g) * (beta / g.size) * (2.0 if l2 else 1.0)
-            for it, t, pairs in g.parameter_slices(self.model):
-                if t.grad is None:
-                    t.grad = torch.zeros_like(t)
-                units, index = pairs[0].to(t.device), pairs[1].to(t.device)
-                theta = t.detach().index_select(it.dim, index)
-                grad = theta if l2 else theta.sign()
-                shape = [1] * t.dim()
-                shape[it.dim] = -1
-                t.grad.index_add_(it.dim, index, grad * coef.to(t)[units].view(shape))
+        params = self._parameters()
+        for key, grad in self._gradients().items():
+            t = params[key]
+            if t.grad is None:
+                t.grad = grad
+            else:
+                t.grad.add_(grad)
+
+    @torch.no_grad()
+    def decay_(self, lr: float) -> None:
+        """Decoupled ETP (as AdamW decouples weight decay): ``θ ← θ − lr·∂R/∂θ``, called after
+        ``optimizer.step()``. With adaptive optimisers (Adam) a penalty inside the loss is
+        rescaled per weight and can move a weight by at most about the learning rate per step,
+        so it cannot empty units quickly; this step is a plain gradient step on ``R`` alone."""
+        if not lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        params = self._parameters()
+        for key, grad in self._gradients().items():
+            params[key].sub_(grad, alpha=lr)
 
     @torch.no_grad()
     def zero_small_(self) -> int:

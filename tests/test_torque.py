@@ -83,6 +83,25 @@ def test_gradient_is_two_beta_w_over_n_theta_and_apply_matches_backward():
             assert torch.allclose(p.grad, auto[n], rtol=1e-5, atol=1e-9), n
 
 
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_decay_is_a_plain_step_on_the_penalty(norm):
+    torch.manual_seed(6)
+    net = Net()
+    pruner = eg.ETPPruner(net, X, ignored_layers=[net.head], config=eg.ETPConfig(beta=0.3, norm=norm, order="norm"),
+                          pruning_ratio=0.5)
+    pruner.penalty().backward()
+    expect = {n: (p - 0.1 * p.grad).detach() if p.grad is not None else p.detach().clone()
+              for n, p in net.named_parameters()}
+    before = net.a.weight.detach().clone()
+    pruner.decay_(0.1)
+    assert (net.a.weight - before).abs().max() > 1e-3            # it moved the weights …
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), expect[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert net.head.bias.grad is None                               # … never the head's own outputs
+    with pytest.raises(ValueError, match="lr"):
+        pruner.decay_(-1.0)
+
+
 def test_l1_norm_penalty_and_gradient():
     torch.manual_seed(3)
     net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))

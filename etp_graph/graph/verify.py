@@ -63,14 +63,30 @@ def check_group(model: nn.Module, example_inputs: Any, group, fraction: float = 
     """Mask a copy, prune another copy, compare outputs; ``None`` when they agree, else the reason."""
     units = sample_units(group.size, fraction, seed=group.id)
     masked, pruned = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
+    inside: List[str] = []        # modules whose forward is running in the pruned copy
+    hooks = []
     try:
         group.zero_(units, model=masked)
         group._cut(pruned, torch.tensor(units, dtype=torch.long))
+        def leave(*_):
+            if inside:
+                inside.pop()
+        for name, m in pruned.named_modules():
+            hooks.append(m.register_forward_pre_hook(lambda _m, _a, n=name: inside.append(n)))
+            hooks.append(m.register_forward_hook(leave))
         with torch.no_grad():
             a = forward(masked, example_inputs)
             b = forward(pruned, example_inputs)
     except Exception as e:  # a cut that breaks the forward is a refused group, not a crash
-        return f"pruning units {units[:8]} breaks the forward: {type(e).__name__}: {e}"
+        where = ""
+        if inside and inside[-1]:
+            where = f" in '{inside[-1]}' ({type(pruned.get_submodule(inside[-1])).__name__})"
+        return (f"pruning units {units[:8]} breaks the forward{where}: {type(e).__name__}: {e}; the "
+                "forward there combines the pruned width with a fixed-size tensor (a buffer, a "
+                "parameter or a hard-coded shape)")
+    finally:
+        for h in hooks:
+            h.remove()
     why = compare(a, b, group.exact)
     if why and "has shape" in why:
         return (f"its channels reach a model output ({why}); add the layer producing that output "
