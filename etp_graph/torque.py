@@ -9,11 +9,12 @@ input columns), the penalty is
     s_g[i] = Σ |θ| over unit i  (norm="l1", the public code's variant)
 
 with the weight profile ``w(i) = exp(c·|i − p|/N)`` (:class:`ETP`) or ``|i − p|/N``
-(:class:`Torque`), ``p`` the pivot unit. ``i`` is the unit's place in the group's ordering: its
-index (``order="index"``, the public code) or, with ``order="norm"``, its rank by coupled norm
-when the regulariser is built (the strongest unit sits on the pivot, the weakest farthest away),
-which is what a pretrained model wants: the penalty then empties the units that matter least. Units far from the pivot pay exponentially more, so
+(:class:`Torque`), ``p`` the pivot unit. Units far from the pivot pay exponentially more, so
 training concentrates the group's information near the pivot and drives the far units to zero.
+``i`` is the unit's place in the group's ordering: its index (``order="index"``, the public
+code) or, with ``order="norm"``, its rank by coupled norm when the regulariser is built (the
+strongest unit on the pivot, the weakest farthest away), which is what a pretrained model wants:
+the penalty then empties the units that matter least.
 
 The regularisers are shaped like ``torch.optim``: one base class, one hook (:meth:`weights`),
 ``penalty()`` (a loss term), ``apply_()`` (adds the same gradient to ``.grad`` after
