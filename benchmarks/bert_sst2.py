@@ -93,12 +93,10 @@ def main(argv=None) -> int:
     for beta in (args.beta, 0.0):
         m = copy.deepcopy(model)
         ignored = [m.classifier, m.hf.bert.pooler.dense]
+        hidden = m.hf.config.hidden_size   # unless --hidden, keep the LayerNorm-coupled width
         pruner = eg.ETPPruner(m, example, ignored_layers=ignored, target_speedup=args.speedup,
-                              config=eg.ETPConfig(beta=beta, order="norm"))
-        if not args.hidden:   # keep the LayerNorm-coupled hidden width (384): heads and FFN only
-            hidden = [g for g in pruner.graph.groups if g.size == m.hf.config.hidden_size]
-            pruner.graph.groups[:] = [g for g in pruner.graph.groups if g not in hidden]
-            pruner.regularizer = eg.make_regularizer(pruner.graph.groups, pruner.config, m)
+                              config=eg.ETPConfig(beta=beta, order="norm"),
+                              group_filter=None if args.hidden else (lambda g: g.size != hidden))
         train(m, tok, train_x, train_y, args.etp_steps, args.lr, args.batch, args.max_len, 1,
               pruner if beta > 0 else None, args.etp_lr, desc=f"beta={beta:g}")
         before = accuracy(m, tok, dev_x, dev_y, args.max_len)

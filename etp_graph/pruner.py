@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -100,12 +100,15 @@ class ETPPruner:
     ``attention_units``: ``"heads"`` (default) or ``"head_dims"``, the unit of attention groups.
     ``max_pruning_ratio`` (``target_speedup`` only): remove at most this fraction of any group's
     units, so the MAC-cheapest group (often a residual stream) is not emptied first.
+    ``group_filter``: only the groups for which it returns ``True`` are regularised and pruned;
+    the others keep every unit (e.g. ``lambda g: g.size != 384`` keeps a BERT's hidden width).
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterable[nn.Module]] = None,
                  config: Optional[ETPConfig] = None, pruning_ratio: Optional[float] = None,
                  target_speedup: Optional[float] = None, threshold: Optional[float] = None,
-                 attention_units: str = "heads", max_pruning_ratio: Optional[float] = None):
+                 attention_units: str = "heads", max_pruning_ratio: Optional[float] = None,
+                 group_filter: Optional[Callable[[CoupledGroup], bool]] = None):
         given = {k: v for k, v in (("pruning_ratio", pruning_ratio), ("target_speedup", target_speedup),
                                    ("threshold", threshold)) if v is not None}
         if len(given) != 1:
@@ -129,11 +132,16 @@ class ETPPruner:
         if max_pruning_ratio is not None and not 0 < max_pruning_ratio < 1:
             raise ValueError(f"max_pruning_ratio must be in (0, 1), got {max_pruning_ratio}")
         self.max_pruning_ratio = max_pruning_ratio
+        if group_filter is not None and not callable(group_filter):
+            raise TypeError(f"group_filter must be a callable taking a CoupledGroup, got {type(group_filter).__name__}")
+        self.group_filter = group_filter
         self._build()
 
     def _build(self) -> None:
         self.graph = trace(self.model, self.example_inputs, self.ignored_layers,
                            attention_units=self.attention_units)
+        if self.group_filter is not None:     # the others stay as they are: groups are independent
+            self.graph.groups[:] = [g for g in self.graph.groups if self.group_filter(g)]
         self.regularizer: Regularizer = make_regularizer(self.graph.groups, self.config, self.model)
 
     # ------------------------------------------------------------------------------ training

@@ -137,6 +137,23 @@ def test_penalty_keeps_working_after_step():
     assert pen > 0 and net.c1.weight.grad.shape == net.c1.weight.shape == (8, 3, 3, 3)
 
 
+def test_group_filter_keeps_the_other_groups_whole():
+    torch.manual_seed(0)
+    net = VGGish()
+    full = eg.ETPPruner(net, X, ignored_layers=[net.fc], pruning_ratio=0.5)
+    pruner = eg.ETPPruner(net, X, ignored_layers=[net.fc], pruning_ratio=0.5, group_filter=lambda g: g.root != "c2")
+    assert [g.root for g in full.graph.groups] == ["c1", "c2", "c3"]
+    assert [g.root for g in pruner.graph.groups] == ["c1", "c3"]
+    c2 = full.graph.groups[1]
+    expect = full.penalty() - full.config.beta * (full.regularizer.group_weights(c2) * c2.unit_norms().pow(2)).sum() / c2.size
+    torch.testing.assert_close(pruner.penalty(), expect)
+    report = pruner.step()
+    assert (net.c1.out_channels, net.c2.out_channels, net.c3.out_channels) == (8, 32, 16)
+    assert [(g.root, g.units_after) for g in report.groups] == [("c1", 8), ("c3", 16)]
+    with pytest.raises(TypeError, match="group_filter"):
+        eg.ETPPruner(net, X, ignored_layers=[net.fc], pruning_ratio=0.5, group_filter="c2")
+
+
 def test_count_macs_accepts_keyword_inputs():
     class KW(nn.Module):
         def __init__(self):
