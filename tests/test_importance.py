@@ -98,6 +98,31 @@ def test_inside_torch_pruning_base_pruner_on_a_transformer():
     assert (ffn.weight.abs().sum(1) > 0).all()       # the two zeroed FFN units went first
 
 
+def test_global_iterative_pruning_of_a_transformer_and_of_tiny_bert():
+    torch.manual_seed(1)
+    model, x = Encoder(), torch.randn(2, 5, 6)
+    with torch.no_grad():                        # four dead FFN units in block 1
+        model.blocks[1]["up"].weight[:4] = 0
+        model.blocks[1]["up"].bias[:4] = 0
+        model.blocks[1]["down"].weight[:, :4] = 0
+    pruner = tp.pruner.BasePruner(model, x, importance=eg.ETPImportance(), pruning_ratio=0.5,
+                                  global_pruning=True, iterative_steps=3, ignored_layers=[model.head])
+    widths = []
+    for _ in range(3):
+        pruner.step()
+        widths.append(sum(b["up"].out_features for b in model.blocks))
+    assert widths[0] > widths[1] > widths[2] and model(x).shape == (2, 3)
+    assert (model.blocks[1]["up"].weight.abs().sum(1) > 0).all()      # the dead units went
+    bert = eg.zoo.create("tiny_bert")
+    inputs = eg.zoo.entry("tiny_bert").example_inputs()
+    pruner = tp.pruner.BasePruner(bert, inputs, importance=eg.ETPImportance(), pruning_ratio=0.25,
+                                  global_pruning=True, iterative_steps=2, ignored_layers=[bert.classifier])
+    for _ in range(2):
+        pruner.step()
+    ffn = [layer.intermediate.dense.out_features for layer in bert.hf.bert.encoder.layer]
+    assert sum(ffn) < 2 * 48 and bert(**inputs).shape == (2, 2)
+
+
 def test_regularized_pruner_applies_the_etp_gradient():
     torch.manual_seed(0)
     model, x = CNN(), torch.randn(4, 3, 8, 8)
