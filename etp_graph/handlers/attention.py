@@ -435,6 +435,20 @@ class ProjectionAttentionHandler(_HeadedAttention):
 
 
 # ------------------------------------------------------------------------------ surgery
+def _rebuild_fused(cls: type, state: dict) -> nn.Module:
+    """Unpickle a fused-qkv attention: the user's class, its state, then the surgery again."""
+    m = cls.__new__(cls)
+    m.__setstate__(state)
+    apply_surgery(m)
+    return m
+
+
+def _fused_reduce_ex(self, protocol):
+    # the replacement class is made at run time, so pickle (torch.save(model), deepcopy) refers
+    # to the user's class and re-applies the surgery on load
+    return _rebuild_fused, (type(self).__mro__[1], self.__dict__.copy())
+
+
 def apply_surgery(m: nn.Module) -> None:
     """Give ``m`` the forward that reads its pruned widths (idempotent; used by ``load_pruned``)."""
     if isinstance(m, nn.MultiheadAttention):
@@ -450,7 +464,7 @@ def apply_surgery(m: nn.Module) -> None:
             return
         new = _FUSED_CLASSES.get(cls)
         if new is None:
-            new = type(cls.__name__, (cls,), {"forward": _fused_qkv_forward,
+            new = type(cls.__name__, (cls,), {"forward": _fused_qkv_forward, "__reduce_ex__": _fused_reduce_ex,
                                              "__module__": cls.__module__, "__qualname__": cls.__qualname__})
             _FUSED_CLASSES[cls] = new
         m.__class__ = new

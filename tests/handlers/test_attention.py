@@ -243,3 +243,8 @@ def test_save_and_load_a_pruned_attention_model(tmp_path):
         eg.load_pruned(fresh, tmp_path / "m.pt")
         with torch.no_grad():
             torch.testing.assert_close(fresh(x), model(x))
+        torch.save(model, tmp_path / "whole.pt")            # pickling the whole model works too
+        whole = torch.load(tmp_path / "whole.pt", weights_only=False)
+        assert type(whole) is type(model)
+        with torch.no_grad():
+            torch.testing.assert_close(whole(x), model(x))
