@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .datasets import augment, batches, normalize
 
-__all__ = ["evaluate", "train_steps", "distill_loss"]
+__all__ = ["evaluate", "train_steps"]
 
 
 @torch.no_grad()
@@ -31,20 +31,10 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return 100.0 * correct / len(labels)
 
 
-def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                 temperature: float = 4.0, alpha: float = 0.9) -> torch.Tensor:
-    """Knowledge distillation (Hinton et al., 2015): ``(1 − α)·CE(labels) + α·T²·KL(teacher ‖ student)``
-    on temperature-``T`` softmaxes."""
-    kl = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
-                  reduction="batchmean", log_target=True)
-    return (1 - alpha) * F.cross_entropy(logits, labels) + alpha * temperature ** 2 * kl
-
-
 def train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int,
                 optimizer: torch.optim.Optimizer, pruner=None, batch_size: int = 128, seed: int = 0,
-                scheduler=None, desc: Optional[str] = None, teacher: Optional[nn.Module] = None) -> float:
-    """``steps`` SGD steps with random crop/flip; adds ``pruner.penalty()`` when a pruner is given
-    and distils from ``teacher`` (:func:`distill_loss`, teacher in eval mode) when one is given.
+                scheduler=None, desc: Optional[str] = None) -> float:
+    """``steps`` SGD steps with random crop/flip; adds ``pruner.penalty()`` when a pruner is given.
     Returns the mean task loss of the last 20 steps."""
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -53,12 +43,7 @@ def train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, st
     for _ in tqdm(range(steps), desc=desc, disable=desc is None, leave=False):
         idx = next(it)
         x = augment(normalize(images[idx]), g)
-        if teacher is None:
-            task = F.cross_entropy(model(x), labels[idx])
-        else:
-            with torch.no_grad():
-                target = teacher.eval()(x)
-            task = distill_loss(model(x), target, labels[idx])
+        task = F.cross_entropy(model(x), labels[idx])
         loss = task + pruner.penalty() if pruner is not None else task
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
