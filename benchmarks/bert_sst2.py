@@ -105,10 +105,7 @@ def main(argv=None) -> int:
         train(m, tok, train_x, train_y, args.finetune, args.lr, args.batch, args.max_len, 2, desc="fine-tune")
         final = accuracy(m, tok, dev_x, dev_y, args.max_len)
         rows.append({"beta": beta, "before_prune": before, "pruned": pruned, "finetuned": final,
-                     "macs": [report.macs_before, report.macs_after], "speedup": report.speedup,
-                     "params": [report.params_before, report.params_after],
-                     "latency_ms": [report.latency_before["median_ms"], report.latency_after["median_ms"]],
-                     "units_kept": report.units_kept})
+                     **report.as_dict()})
         print(report)
 
     print(f"\nMiniLM / SST-2 dev (872 sentences), target {args.speedup}x MACs, dense {dense_acc:.2f}%")

@@ -66,10 +66,7 @@ def run_arm(data, seed: int, beta: float, args) -> dict:
     _train(model, data, args.finetune, args.lr)
     final = _accuracy(model, data, data.test_mask)
     return {"seed": seed, "beta": beta, "dense": dense, "pruned": pruned, "finetuned": final,
-            "macs": [report.macs_before, report.macs_after], "speedup": report.speedup,
-            "params": [report.params_before, report.params_after],
-            "latency_ms": [report.latency_before["median_ms"], report.latency_after["median_ms"]],
-            "units_kept": report.units_kept}
+            **report.as_dict()}
 
 
 def main(argv=None) -> int:

@@ -93,10 +93,7 @@ def main(argv=None) -> int:
               desc="fine-tune")
         final = evaluate(model, split["test"])
         rows.append({"beta": beta, "dense": dense, "pruned": pruned, "finetuned": final,
-                     "macs": [report.macs_before, report.macs_after], "speedup": report.speedup,
-                     "params": [report.params_before, report.params_after],
-                     "latency_ms": [report.latency_before["median_ms"], report.latency_after["median_ms"]],
-                     "units_kept": report.units_kept, "skipped": len(pruner.graph.skipped)})
+                     "skipped": len(pruner.graph.skipped), **report.as_dict()})
         print(report)
     print(f"\nInformer / {args.data} 96->{args.pred_len} test (scaled MSE / MAE), target {args.speedup}x MACs "
           f"by {args.units}, d_model {args.d_model}, {args.epochs}+{args.finetune_epochs} epochs")

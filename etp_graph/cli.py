@@ -86,10 +86,7 @@ def _demo(args) -> int:
         import json
         out = {"config": {**vars(args), "etp": dataclasses.asdict(config), "threads": torch.get_num_threads()},
                "accuracy": acc, "test_images": len(test_y), "seconds": round(total, 1),
-               "macs": [report.macs_before, report.macs_after], "params": [report.params_before, report.params_after],
-               "speedup": report.speedup, "latency_ms": [report.latency_before["median_ms"], report.latency_after["median_ms"]],
-               "latency_ms_batch": [len(batch)] + lat_batch,
-               "units_kept": report.units_kept}
+               **report.as_dict(), "latency_ms_batch": [len(batch)] + lat_batch}
         out["config"].pop("func", None)
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)

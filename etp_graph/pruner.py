@@ -61,6 +61,15 @@ class PruneReport:
     def units_kept(self) -> Dict[str, int]:
         return {g.root: g.units_after for g in self.groups}
 
+    def as_dict(self) -> Dict[str, Any]:
+        """The numbers as plain JSON-ready values: ``[before, after]`` pairs, the speed-up, the
+        median latencies in ms (``None`` when not measured) and the units kept per group."""
+        lat = None
+        if self.latency_before and self.latency_after:
+            lat = [self.latency_before["median_ms"], self.latency_after["median_ms"]]
+        return {"macs": [self.macs_before, self.macs_after], "params": [self.params_before, self.params_after],
+                "speedup": self.speedup, "latency_ms": lat, "units_kept": self.units_kept}
+
     def __str__(self) -> str:
         rows = [("", "before", "after", "ratio"),
                 ("MACs", f"{self.macs_before:,}", f"{self.macs_after:,}", f"{self.speedup:.2f}x"),

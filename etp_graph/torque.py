@@ -125,7 +125,8 @@ class Regularizer:
         changed size (it was pruned) is ranked again from its current norms."""
         k = self._slot.get(id(group))
         if k is None:
-            raise KeyError(f"group {group.root!r} is not one of this regulariser's groups")
+            raise KeyError(f"group {group.root!r} is not one of this regulariser's groups; build the "
+                           "regulariser from the graph whose groups you pass (e.g. eg.ETP(graph.groups, config))")
         if len(self._places[k]) != group.size:
             self._places[k] = self._rank(group)
         return self._places[k]

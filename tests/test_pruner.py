@@ -85,6 +85,7 @@ def test_threshold_removes_the_units_driven_to_zero_with_output_unchanged():
     before = net(X)
     report = pruner.step()
     assert report.groups[1].removed == [5, 6, 30] and report.groups[0].removed == []
+    assert report.as_dict()["latency_ms"] is None            # not measured
     assert net.c2.out_channels == 29 and torch.allclose(net(X), before, atol=1e-5)
     assert report.macs_after < report.macs_before and report.params_after < report.params_before
 
@@ -99,6 +100,10 @@ def test_target_speedup_lands_within_three_percent(target):
     assert report.speedup == pytest.approx(report.macs_before / eg.count_macs(net, X))
     assert report.latency_before["median_ms"] > 0 and "MACs" in str(report)
     assert net(X).shape == (2, 10)
+    d = report.as_dict()
+    assert d["macs"] == [report.macs_before, report.macs_after] and d["speedup"] == report.speedup
+    assert d["params"] == [report.params_before, report.params_after] and d["units_kept"] == report.units_kept
+    assert d["latency_ms"] == [report.latency_before["median_ms"], report.latency_after["median_ms"]]
 
 
 def test_unreachable_target_leaves_model_bit_identical():
