@@ -4,13 +4,13 @@ from .counting import count_macs, count_params, measure_latency, unsupported_ops
 from .graph import ChannelGraph, CoupledGroup, SkippedGroup, TraceError, trace
 from .importance import ETPImportance, ETPRegularizedPruner
 from .io import load_pruned, save_pruned
-from .pruner import ETPPruner, GroupResult, PruneReport
-from .torque import ETP, ETPConfig, Regularizer, Torque, make_regularizer
+from .pruner import ETPPruner, GroupResult, PrunePlan, PruneReport
+from .torque import ETP, ETPConfig, GroupSL, Regularizer, Torque, make_regularizer
 
 __all__ = [
     "trace", "ChannelGraph", "CoupledGroup", "SkippedGroup", "TraceError",
-    "ETPConfig", "Regularizer", "ETP", "Torque", "make_regularizer",
-    "ETPPruner", "PruneReport", "GroupResult",
+    "ETPConfig", "Regularizer", "ETP", "Torque", "GroupSL", "make_regularizer",
+    "ETPPruner", "PrunePlan", "PruneReport", "GroupResult",
     "ETPImportance", "ETPRegularizedPruner",
     "count_macs", "count_params", "measure_latency", "unsupported_ops",
     "save_pruned", "load_pruned",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from .graph.group import _restore, _snapshot
 from .importance import removal_order
 from .torque import ETPConfig, Regularizer, make_regularizer
 
-__all__ = ["ETPPruner", "PruneReport", "GroupResult"]
+__all__ = ["ETPPruner", "PrunePlan", "PruneReport", "GroupResult"]
 
 #: ``target_speedup`` is reached within this relative margin (MACs are counted, not estimated).
 SPEEDUP_TOLERANCE = 0.03
@@ -111,13 +111,20 @@ class ETPPruner:
     units, so the MAC-cheapest group (often a residual stream) is not emptied first.
     ``group_filter``: only the groups for which it returns ``True`` are regularised and pruned;
     the others keep every unit (e.g. ``lambda g: g.size != 384`` keeps a BERT's hidden width).
+    ``round_to``: every group keeps a multiple of this many units (or all of them, when it has
+    fewer), as Torch-Pruning's ``round_to``: widths such as 51 channels run slower on real
+    kernels than 48 or 56. The plan removes fewer units where it rounds, so the speed-up it
+    reaches can exceed ``target_speedup`` by up to one rounding step per group.
+    ``importance``: a callable ``group -> Tensor[group.size]`` ranking the units (lowest removed
+    first); default the coupled norm. Every target (ratio, threshold, speed-up) uses it.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterable[nn.Module]] = None,
                  config: Optional[ETPConfig] = None, pruning_ratio: Optional[float] = None,
                  target_speedup: Optional[float] = None, threshold: Optional[float] = None,
                  attention_units: str = "heads", max_pruning_ratio: Optional[float] = None,
-                 group_filter: Optional[Callable[[CoupledGroup], bool]] = None):
+                 group_filter: Optional[Callable[[CoupledGroup], bool]] = None, round_to: Optional[int] = None,
+                 importance: Optional[Callable[[CoupledGroup], torch.Tensor]] = None):
         given = {k: v for k, v in (("pruning_ratio", pruning_ratio), ("target_speedup", target_speedup),
                                    ("threshold", threshold)) if v is not None}
         if len(given) != 1:
@@ -144,6 +151,12 @@ class ETPPruner:
         if group_filter is not None and not callable(group_filter):
             raise TypeError(f"group_filter must be a callable taking a CoupledGroup, got {type(group_filter).__name__}")
         self.group_filter = group_filter
+        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+            raise ValueError(f"round_to must be None or an int >= 1, got {round_to!r}")
+        self.round_to = round_to
+        if importance is not None and not callable(importance):
+            raise TypeError(f"importance must be a callable taking a CoupledGroup, got {type(importance).__name__}")
+        self._importance = importance
         self._build()
 
     def _build(self) -> None:
@@ -168,29 +181,51 @@ class ETPPruner:
 
     # ------------------------------------------------------------------------------ ranking
     def importance(self, group: CoupledGroup) -> torch.Tensor:
-        """``Tensor[size]``: the unit's coupled norm (L2, or L1 sum for ``norm="l1"``)."""
+        """``Tensor[size]``: the score that ranks a group's units (lowest removed first): the
+        ``importance`` callable given to the constructor, else the unit's coupled norm (L2, or the
+        L1 sum for ``norm="l1"``)."""
+        if self._importance is not None:
+            scores = torch.as_tensor(self._importance(group)).detach().flatten()
+            if scores.numel() != group.size:
+                raise ValueError(f"importance({group.root!r}) returned {scores.numel()} scores for a group "
+                                 f"of {group.size} units; return one score per unit")
+            return scores.float().cpu()
         with torch.no_grad():
             s = group.unit_sums(self.model, self.config.norm)
         return s.sqrt() if self.config.norm == "l2" else s
 
-    def _order(self, group: CoupledGroup) -> torch.Tensor:
-        return removal_order(self.importance(group), self.config.pivot_of(group.size),
-                             self.regularizer.places(group))
+    def _ranked(self, group: CoupledGroup):
+        """``(scores, order)``: one importance reading and the removal order it gives."""
+        imp = self.importance(group)
+        return imp, removal_order(imp, self.config.pivot_of(group.size), self.regularizer.places(group))
+
+    def _rounded(self, removal: Dict[int, List[int]]) -> Dict[int, List[int]]:
+        """Each group's removal list (in removal order) shortened so the group keeps a multiple of
+        ``round_to`` units (or all of them); sorted for :meth:`CoupledGroup.prune`."""
+        k = self.round_to
+        out = {}
+        for g in self.graph.groups:
+            units = removal.get(g.id, [])
+            if k is not None and units:
+                keep = min(g.size, -(-(g.size - len(units)) // k) * k)
+                units = units[:g.size - keep]
+            if units:
+                out[g.id] = sorted(units)
+        return out
 
     def plan(self) -> Dict[int, List[int]]:
         """Group id → units to remove, for the configured target; changes nothing."""
-        if self.mode == "pruning_ratio":
-            return {g.id: sorted(self._order(g)[: min(int(self.amount * g.size), g.size - 1)].tolist())
-                    for g in self.graph.groups}
-        if self.mode == "threshold":
-            out = {}
-            for g in self.graph.groups:
-                imp = self.importance(g)
+        if self.mode == "target_speedup":
+            return self.path([self.amount])[0].removed
+        removal = {}
+        for g in self.graph.groups:
+            imp, order = self._ranked(g)
+            if self.mode == "pruning_ratio":
+                removal[g.id] = order[: min(int(self.amount * g.size), g.size - 1)].tolist()
+            else:
                 rel = imp / imp.max().clamp_min(torch.finfo(imp.dtype).tiny)
-                order = self._order(g)
-                out[g.id] = sorted(int(u) for u in order[: g.size - 1] if rel[u] < self.amount)
-            return out
-        return self._plan_speedup(self.amount)
+                removal[g.id] = [int(u) for u in order[: g.size - 1] if rel[u] < self.amount]
+        return self._rounded(removal)
 
     def _macs(self, model: nn.Module) -> int:
         return count_macs(model, self.example_inputs)
@@ -203,50 +238,117 @@ class ETPPruner:
                 g._cut(clone, torch.tensor(sorted(units), dtype=torch.long))
         return clone
 
-    def _plan_speedup(self, target: float) -> Dict[int, List[int]]:
-        base = self._macs(self.model)
-        groups = [g for g in self.graph.groups if g.size > 1]
-        orders = {g.id: self._order(g).tolist() for g in groups}
+    def _candidates(self, base: int) -> List[tuple]:
+        """Every removable unit as ``(score, k, group id, unit)``, sorted: a unit's share of its
+        group's importance per MAC its removal saves; ``k`` is its place in its group's order."""
         candidates = []
-        for g in groups:
-            order = orders[g.id]
+        for g in self.graph.groups:
+            if g.size < 2:
+                continue
+            imp, order = self._ranked(g)
+            order = order.tolist()
             saved = base - self._macs(self._cut_copy({g.id: [order[0]]}))
             # a unit's share of its group's importance, per MAC it saves: a head (1 of 12) and an
             # FFN unit (1 of 1536) compare by the part of their group's work they do, so neither
             # kind is cut first just because its units are wide or narrow
-            imp = self.importance(g)
             rel = imp / imp.sum().clamp_min(torch.finfo(imp.dtype).tiny)
             cap = g.size - 1 if self.max_pruning_ratio is None else int(g.size * self.max_pruning_ratio)
             for k, u in enumerate(order[:min(cap, g.size - 1)]):   # keep at least one unit per group
                 candidates.append((float(rel[u]) / max(saved, 1) * base, k, g.id, u))
         candidates.sort(key=lambda c: (c[0], c[1]))
+        return candidates
 
-        def plan_of(n: int) -> Dict[int, List[int]]:
-            plan: Dict[int, List[int]] = {}
-            for _, _, gid, u in candidates[:n]:
-                plan.setdefault(gid, []).append(u)
-            return plan
+    def _prefix(self, candidates: List[tuple], n: int) -> Dict[int, List[int]]:
+        """The plan removing the first ``n`` candidates (then rounded to ``round_to``)."""
+        removal: Dict[int, List[int]] = {}
+        for _, _, gid, u in candidates[:n]:
+            removal.setdefault(gid, []).append(u)
+        return self._rounded(removal)
 
-        def speedup(n: int) -> float:
-            return base / max(self._macs(self._cut_copy(plan_of(n))), 1)
+    def max_speedup(self) -> float:
+        """The largest MACs speed-up a plan can reach: every group down to one unit (or to
+        ``max_pruning_ratio`` and ``round_to``); changes nothing."""
+        base = self._macs(self.model)
+        candidates = self._candidates(base)
+        return base / max(self._macs(self._cut_copy(self._prefix(candidates, len(candidates)))), 1)
 
-        best = speedup(len(candidates)) if candidates else 1.0
-        if best < target:
-            raise ValueError(f"target_speedup={target} is unreachable: removing every unit but one in "
-                             f"each of the {len(self.graph.groups)} groups gives {best:.2f}x; the model "
-                             "is unchanged")
-        lo, hi = 0, len(candidates)       # speedup(lo) < target <= speedup(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if speedup(mid) >= target:
-                hi = mid
-            else:
-                lo = mid
-        return {gid: sorted(units) for gid, units in plan_of(hi).items()}
+    def path(self, speedups: Sequence[float]) -> List["PrunePlan"]:
+        """Plans for several MACs speed-ups from the model as it is now; changes nothing.
+
+        All targets share one global ranking (the ``target_speedup`` rule) and each plan removes
+        the shortest prefix of it that reaches its target, so the family is nested: every unit
+        kept at the largest speed-up is kept at every smaller one. Returns one :class:`PrunePlan`
+        per target, in ascending order of target; prune a copy with :meth:`pruned_copy` (one
+        training, many speed-ups) or the model itself with ``step(plan=...)``.
+
+        Example::
+
+            >>> p2, p4, p8 = pruner.path([2, 4, 8])
+            >>> small, report = pruner.pruned_copy(p8)      # pruner.model is unchanged
+        """
+        targets = sorted(float(t) for t in speedups)
+        if not targets or targets[0] <= 1:
+            raise ValueError(f"speedups must be a non-empty list of numbers > 1, got {list(speedups)}")
+        base = self._macs(self.model)
+        candidates = self._candidates(base)
+        cache: Dict[int, int] = {}
+
+        def macs(n: int) -> int:
+            if n not in cache:
+                cache[n] = self._macs(self._cut_copy(self._prefix(candidates, n))) if n else base
+            return cache[n]
+
+        best = base / max(macs(len(candidates)), 1)
+        if best < targets[-1]:
+            raise ValueError(f"target_speedup={targets[-1]} is unreachable: removing every unit but one in "
+                             f"each of the {len(self.graph.groups)} groups (within max_pruning_ratio and "
+                             f"round_to) gives {best:.2f}x; the model is unchanged")
+        plans, lo = [], 0
+        for t in targets:
+            hi = len(candidates)      # base / macs(lo) < t <= base / macs(hi)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if base / max(macs(mid), 1) >= t:
+                    hi = mid
+                else:
+                    lo = mid
+            plans.append(PrunePlan(t, self._prefix(candidates, hi), base, macs(hi)))
+            lo = hi - 1 if hi > 0 else 0
+        return plans
 
     # ------------------------------------------------------------------------------ pruning
-    def step(self, measure_latency: bool = False, latency_repeat: int = 20) -> PruneReport:
+    def _resolve_plan(self, plan) -> Tuple[str, Dict[int, List[int]]]:
+        if plan is None:
+            return f"{self.mode}={self.amount}", self.plan()
+        if isinstance(plan, PrunePlan):
+            return f"target_speedup={plan.target_speedup:g}", plan.removed
+        if isinstance(plan, dict):
+            return "plan", plan
+        raise TypeError(f"plan must be a PrunePlan (from path()), a dict of group id -> units or None, "
+                        f"got {type(plan).__name__}")
+
+    def pruned_copy(self, plan: Optional["PrunePlan"] = None, measure_latency: bool = False,
+                    latency_repeat: int = 20) -> Tuple[nn.Module, PruneReport]:
+        """A pruned deep copy of the model and its report; the model and the graph are unchanged.
+
+        ``plan`` is a :class:`PrunePlan` from :meth:`path` (default: the configured target)."""
+        target, removal = self._resolve_plan(plan)
+        clone = self._cut_copy(removal)
+        results = [GroupResult(g.root, g.size, g.size - len(removal.get(g.id, [])), list(removal.get(g.id, [])))
+                   for g in self.graph.groups]
+        return clone, self._report(target, self.model, clone, results, measure_latency, latency_repeat)
+
+    def _report(self, target, before, after, results, measure_latency, repeat) -> PruneReport:
+        lat = [_measure_latency(m, self.example_inputs, repeat=repeat) if measure_latency else None
+               for m in (before, after)]
+        return PruneReport(target, self._macs(before), self._macs(after), count_params(before),
+                           count_params(after), results, lat[0], lat[1])
+
+    def step(self, measure_latency: bool = False, latency_repeat: int = 20,
+             plan: Optional["PrunePlan"] = None) -> PruneReport:
         """Remove the planned units from the model. Atomic: on any error the model is unchanged.
+
+        ``plan``: a :class:`PrunePlan` from :meth:`path` (default: plan the configured target now).
 
         Returns:
             :class:`PruneReport` with MACs/params before and after, units per group and, when
@@ -254,7 +356,7 @@ class ETPPruner:
         """
         macs_before, params_before = self._macs(self.model), count_params(self.model)
         lat_before = _measure_latency(self.model, self.example_inputs, repeat=latency_repeat) if measure_latency else None
-        plan = self.plan()
+        target, plan = self._resolve_plan(plan)
         snapshot = {name: _snapshot(m) for name, m in self.model.named_modules()}
         results = []
         try:
@@ -271,5 +373,27 @@ class ETPPruner:
             self._build()    # the groups were renumbered by the partial prune: trace afresh
             raise
         lat_after = _measure_latency(self.model, self.example_inputs, repeat=latency_repeat) if measure_latency else None
-        return PruneReport(f"{self.mode}={self.amount}", macs_before, macs_after, params_before,
+        return PruneReport(target, macs_before, macs_after, params_before,
                            count_params(self.model), results, lat_before, lat_after)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunePlan:
+    """Units to remove for one MACs speed-up target (from :meth:`ETPPruner.path`).
+
+    ``removed``: group id → sorted unit indices; ``macs_before``/``macs_after``: counted on the
+    model and on a pruned copy (fvcore, the pruner's example inputs)."""
+
+    target_speedup: float
+    removed: Dict[int, List[int]]
+    macs_before: int
+    macs_after: int
+
+    @property
+    def speedup(self) -> float:
+        return self.macs_before / max(self.macs_after, 1)
+
+    def kept(self, group: CoupledGroup) -> List[int]:
+        """The units of ``group`` this plan keeps (indices as the group numbers them now)."""
+        gone = set(self.removed.get(group.id, []))
+        return [u for u in range(group.size) if u not in gone]

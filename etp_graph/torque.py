@@ -9,14 +9,16 @@ input columns), the penalty is
     s_g[i] = Σ |θ| over unit i  (norm="l1", the public code's variant)
 
 with the weight profile ``w(i) = exp(c·|i − p|/N)`` (:class:`ETP`) or ``|i − p|/N``
-(:class:`Torque`), ``p`` the pivot unit. Units far from the pivot pay exponentially more, so
+(:class:`Torque`), ``p`` the pivot unit. :class:`GroupSL` is DepGraph's sparse learning (Torch-
+Pruning's ``GroupNormPruner.regularize``) over the same groups, for comparison. Units far from the pivot pay exponentially more, so
 training concentrates the group's information near the pivot and drives the far units to zero.
 ``i`` is the unit's place in the group's ordering: its index (``order="index"``, the public
 code) or, with ``order="norm"``, its rank by coupled norm when the regulariser is built (the
 strongest unit on the pivot, the weakest farthest away), which is what a pretrained model wants:
 the penalty then empties the units that matter least.
 
-The regularisers are shaped like ``torch.optim``: one base class, one hook (:meth:`weights`),
+The regularisers are shaped like ``torch.optim``: one base class, one hook (:meth:`coefficients`,
+the per-unit multiplier of ``s_g[i]``; ETP and Torque differ only in their :meth:`weights` profile),
 ``penalty()`` (a loss term), ``apply_()`` (adds the same gradient to ``.grad`` after
 ``backward()``), ``decay_(lr)`` (a decoupled step on the penalty alone, for Adam),
 ``state_dict()`` / ``load_state_dict()``.
@@ -32,7 +34,7 @@ from torch import nn
 
 from .graph.group import CoupledGroup
 
-__all__ = ["ETPConfig", "Regularizer", "ETP", "Torque", "make_regularizer"]
+__all__ = ["ETPConfig", "Regularizer", "ETP", "Torque", "GroupSL", "make_regularizer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,9 @@ class ETPConfig:
             ``1.01 ** (500 / n)`` is ``c = 4.975``. Unused by ``profile="linear"``.
         pivot: the unit every other unit is pulled towards: an int (clamped to ``N − 1`` in
             smaller groups) or ``"center"`` (unit ``N // 2``). The public code uses 0.
-        profile: ``"exp"`` (ETP) or ``"linear"`` (the Torque baseline).
+        profile: ``"exp"`` (ETP), ``"linear"`` (the Torque baseline) or ``"group-sl"``
+            (DepGraph's sparse learning, :class:`GroupSL`: ``beta`` is Torch-Pruning's ``reg``
+            and ``c = ln(alpha)``; pivot and order are unused, the norm must be ``"l2"``).
         norm: ``"l2"`` (squared L2 per unit, the paper) or ``"l1"`` (the public code).
         zero_below: if set, :meth:`Regularizer.zero_small_` zeroes single regularised weights
             whose magnitude is below it (the public code does this with 5e-4 after each epoch).
@@ -70,8 +74,12 @@ class ETPConfig:
             raise ValueError(f"ETPConfig.c must be a finite number >= 0, got {self.c!r}")
         if isinstance(self.pivot, bool) or not (self.pivot == "center" or (isinstance(self.pivot, int) and self.pivot >= 0)):
             raise ValueError(f"ETPConfig.pivot must be an int >= 0 or 'center', got {self.pivot!r}")
-        if self.profile not in ("exp", "linear"):
-            raise ValueError(f"ETPConfig.profile must be 'exp' (ETP) or 'linear' (Torque), got {self.profile!r}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"ETPConfig.profile must be one of {sorted(PROFILES)} ('exp' ETP, 'linear' "
+                             f"Torque, 'group-sl' DepGraph), got {self.profile!r}")
+        if self.profile == "group-sl" and self.norm != "l2":
+            raise ValueError("ETPConfig(profile='group-sl') regularises squared L2 norms (as Torch-Pruning "
+                             f"does); got norm={self.norm!r}, pass norm='l2'")
         if self.norm not in ("l2", "l1"):
             raise ValueError(f"ETPConfig.norm must be 'l2' or 'l1', got {self.norm!r}")
         if self.order not in ("index", "norm"):
@@ -85,7 +93,11 @@ class ETPConfig:
 
 
 class Regularizer:
-    """Base class: the penalty over coupled groups; subclasses override :meth:`weights` only.
+    """Base class: the penalty ``R = Σ_g Σ_i coef_g[i] · s_g[i]`` over coupled groups.
+
+    Subclasses set ``profile`` (the :attr:`ETPConfig.profile` they implement, checked against the
+    config) and override one hook: :meth:`weights` (a profile ``w``, with
+    ``coef = beta · w(place_i) / N``) or, for a data-dependent rule, :meth:`coefficients`.
 
     Args:
         groups: the :class:`CoupledGroup` list of :func:`etp_graph.trace` (``graph.groups``).
@@ -93,9 +105,15 @@ class Regularizer:
         model: the model whose parameters the groups index (default: the groups' own model).
     """
 
+    profile: str = ""
+
     def __init__(self, groups: Sequence[CoupledGroup], config: ETPConfig, model: Optional[nn.Module] = None):
         if not isinstance(config, ETPConfig):
             raise TypeError(f"config must be an etp_graph.ETPConfig, got {type(config).__name__}")
+        if config.profile != self.profile:
+            raise ValueError(f"{type(self).__name__} implements profile={self.profile!r} but the config says "
+                             f"profile={config.profile!r}; use eg.make_regularizer(groups, config) to get "
+                             "the class that matches the config")
         self.groups = list(groups)
         self.config = config
         self.model = model if model is not None else (self.groups[0]._graph.model if self.groups else None)
@@ -137,24 +155,27 @@ class Regularizer:
         n = group.size
         return self.weights(n, self.config.pivot_of(n))[self.places(group)]
 
+    def coefficients(self, group: CoupledGroup) -> torch.Tensor:
+        """``Tensor[size]``, constant (no gradient): the multiplier of each unit's ``s[i]`` in
+        ``R``; ``beta · w(place_i) / N`` for a weight profile."""
+        return self.group_weights(group) * (self.config.beta / group.size)
+
     def penalty(self) -> torch.Tensor:
         """The penalty ``R`` as a differentiable scalar: add it to the task loss."""
         total = None
         for g in self.groups:
             s = g.unit_sums(self.model, self.config.norm)
-            term = (self.group_weights(g).to(s) * s).sum() / g.size
+            term = (self.coefficients(g).to(s) * s).sum()
             total = term if total is None else total + term
-        if total is None:
-            return torch.zeros(())
-        return self.config.beta * total
+        return torch.zeros(()) if total is None else total
 
     @torch.no_grad()
     def _gradients(self) -> Dict[int, torch.Tensor]:
         """``id(param) → ∂R/∂param`` for every regularised parameter (one buffer each)."""
-        beta, l2 = self.config.beta, self.config.norm == "l2"
+        l2 = self.config.norm == "l2"
         out: Dict[int, torch.Tensor] = {}
         for g in self.groups:
-            coef = self.group_weights(g) * (beta / g.size) * (2.0 if l2 else 1.0)
+            coef = self.coefficients(g) * (2.0 if l2 else 1.0)
             for it, t, pairs in g.parameter_slices(self.model):
                 buf = out.get(id(t))
                 if buf is None:
@@ -245,6 +266,8 @@ def _distance(n: int, pivot: int) -> torch.Tensor:
 class ETP(Regularizer):
     """Exponential Torque: ``w(i) = exp(c·|i − p|/N)``."""
 
+    profile = "exp"
+
     def weights(self, n: int, pivot: int) -> torch.Tensor:
         return torch.exp(self.config.c * _distance(n, pivot))
 
@@ -252,12 +275,41 @@ class ETP(Regularizer):
 class Torque(Regularizer):
     """Torque (linear) baseline: ``w(i) = |i − p|/N``."""
 
+    profile = "linear"
+
     def weights(self, n: int, pivot: int) -> torch.Tensor:
         return _distance(n, pivot)
 
 
+class GroupSL(Regularizer):
+    """DepGraph's sparse learning (Torch-Pruning's ``GroupNormPruner.regularize``) over our groups.
+
+    Each call reads the coupled norms ``n_i`` (L2 over every slice of unit ``i``) and pushes
+    every unit with ``γ_i = exp(c · (max n − n_i) / (max n − min n))`` (Torch-Pruning's
+    ``alpha ** …`` with ``c = ln alpha``; its ``regularize()`` default ``alpha = 16`` is
+    ``c = ln 16 ≈ 2.77``): ``∂R/∂θ_i = beta · γ_i · θ_i``, ``γ`` held constant, so
+    ``R = (beta / 2) · Σ_g Σ_i γ_i · ‖θ_i‖²``. Unlike ETP there is no ``1/N`` and no pivot: the
+    weakest unit of a group is pushed ``alpha`` times harder than the strongest, at any size.
+    A group whose norms are all equal (or not finite) is left alone, as Torch-Pruning does.
+    """
+
+    profile = "group-sl"
+
+    @torch.no_grad()
+    def coefficients(self, group: CoupledGroup) -> torch.Tensor:
+        n = group.unit_sums(self.model, "l2").detach().float().cpu().sqrt()
+        spread = n.max() - n.min()
+        if not torch.isfinite(n).all() or not spread > 0:
+            return torch.zeros(group.size)
+        return torch.exp(self.config.c * (n.max() - n) / spread) * (self.config.beta / 2)
+
+
+#: profile name → the regulariser class implementing it (the one place that maps them)
+PROFILES = {cls.profile: cls for cls in (ETP, Torque, GroupSL)}
+
+
 def make_regularizer(groups: Sequence[CoupledGroup], config: ETPConfig,
                      model: Optional[nn.Module] = None) -> Regularizer:
-    """:class:`ETP` for ``profile="exp"``, :class:`Torque` for ``profile="linear"``."""
-    cls = ETP if config.profile == "exp" else Torque
-    return cls(groups, config, model)
+    """The regulariser of ``config.profile``: :class:`ETP` (``"exp"``), :class:`Torque`
+    (``"linear"``) or :class:`GroupSL` (``"group-sl"``)."""
+    return PROFILES[config.profile](groups, config, model)

@@ -188,3 +188,80 @@ def test_save_and_load_pruned(tmp_path):
     with pytest.raises(ValueError, match="lacks"):
         eg.load_pruned(unrelated, path)
     _same(unrelated, state)
+
+
+# ----------------------------------------------------------------------------- path / round_to
+def _kept_sets(pruner, plan):
+    return {g.root: set(plan.kept(g)) for g in pruner.graph.groups}
+
+
+def test_path_is_nested_reaches_every_target_and_leaves_the_model_alone():
+    net = VGGish().eval()
+    state = _state(net)
+    pruner = eg.ETPPruner(net, X, ignored_layers=[net.fc], target_speedup=2.0)
+    plans = pruner.path([3.0, 1.5, 2.0])
+    assert [p.target_speedup for p in plans] == [1.5, 2.0, 3.0]
+    for p in plans:
+        assert p.target_speedup <= p.speedup <= p.target_speedup * 1.10
+        assert p.macs_after == eg.count_macs(pruner.pruned_copy(p)[0], X)
+    sets = [_kept_sets(pruner, p) for p in plans]
+    for small, big in zip(sets[1:], sets[:-1]):          # kept at a larger speed-up ⊂ kept at a smaller one
+        assert all(small[r] <= big[r] for r in small)
+    assert any(sets[2][r] < sets[0][r] for r in sets[0])   # and strictly smaller somewhere
+    _same(net, state)
+    assert pruner.path([2.0])[0].removed == pruner.plan() == plans[1].removed
+
+
+def test_pruned_copy_equals_masking_and_step_with_the_same_plan():
+    net = VGGish().eval()
+    pruner = eg.ETPPruner(net, X, ignored_layers=[net.fc], target_speedup=2.0)
+    plan = pruner.path([2.5])[0]
+    small, report = pruner.pruned_copy(plan)
+    masked = copy.deepcopy(net)
+    for g in pruner.graph.groups:
+        g.zero_(plan.removed.get(g.id, []), model=masked)
+    with torch.no_grad():
+        torch.testing.assert_close(small(X), masked(X), rtol=1e-5, atol=1e-6)
+    assert report.macs_after == plan.macs_after and report.params_after < report.params_before
+    stepped = pruner.step(plan=plan)
+    assert stepped.macs_after == plan.macs_after and stepped.target == "target_speedup=2.5"
+    with torch.no_grad():
+        torch.testing.assert_close(net(X), small(X))
+
+
+@pytest.mark.parametrize("k", [4, 8])
+def test_round_to_keeps_multiples_and_still_reaches_the_target(k):
+    net = VGGish(w=24).eval()
+    pruner = eg.ETPPruner(net, X, ignored_layers=[net.fc], target_speedup=2.0, round_to=k)
+    sizes = {g.id: g.size for g in pruner.graph.groups}
+    for p in pruner.path([1.5, 2.0, 3.0]):
+        assert p.speedup >= p.target_speedup
+        for gid, size in sizes.items():
+            kept = size - len(p.removed.get(gid, []))
+            assert kept % k == 0 or kept == size, (gid, kept)
+    report = pruner.step()
+    assert all(g.units_after % k == 0 for g in report.groups)
+    assert report.speedup >= 2.0
+
+
+def test_round_to_and_importance_errors():
+    net = VGGish()
+    with pytest.raises(ValueError, match="round_to"):
+        eg.ETPPruner(net, X, ignored_layers=[net.fc], pruning_ratio=0.5, round_to=0)
+    with pytest.raises(TypeError, match="importance"):
+        eg.ETPPruner(net, X, ignored_layers=[net.fc], pruning_ratio=0.5, importance=3)
+    bad = eg.ETPPruner(net, X, ignored_layers=[net.fc], pruning_ratio=0.5, importance=lambda g: torch.ones(2))
+    with pytest.raises(ValueError, match="one score per unit"):
+        bad.plan()
+    with pytest.raises(ValueError, match="speedups"):
+        bad.path([])
+
+
+def test_custom_importance_decides_what_is_removed():
+    net = VGGish()
+    strongest_first = eg.ETPPruner(net, X, ignored_layers=[net.fc], pruning_ratio=0.25,
+                                   importance=lambda g: -g.unit_norms().detach())
+    for g in strongest_first.graph.groups:
+        norms = g.unit_norms().detach()
+        removed = strongest_first.plan()[g.id]
+        assert sorted(removed) == sorted(torch.argsort(-norms)[:len(removed)].tolist())

@@ -1,4 +1,5 @@
 """ETP/Torque regularisers: closed-form penalty and gradients, apply_ == backward, config errors."""
+import copy
 import math
 
 import pytest
@@ -191,3 +192,77 @@ def test_config_is_frozen():
     with pytest.raises(Exception):
         cfg.beta = 1.0
     assert (cfg.c, cfg.pivot, cfg.profile, cfg.norm, cfg.zero_below, cfg.order) == (5.0, 0, "exp", "l2", None, "index")
+
+
+# ------------------------------------------------------------------ group-sl == Torch-Pruning
+class ResCNN(nn.Module):
+    """stem → two residual blocks (identity, then a strided 1x1 projection) → pooled Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.down, self.bnd = nn.Conv2d(8, 16, 1, stride=2), nn.BatchNorm2d(16)
+        self.c3, self.bn3 = nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = F.relu(self.bn0(self.stem(x)))
+        h = F.relu(h + self.bn2(self.c2(F.relu(self.bn1(self.c1(h))))))
+        h = F.relu(self.bnd(self.down(h)) + self.bn3(self.c3(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_group_sl_gradient_equals_torch_pruning_regularize():
+    import torch_pruning as tp
+    torch.manual_seed(3)
+    net = ResCNN()
+    with torch.no_grad():          # distinct BN affines so every unit's norm differs
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.2, 2.0)
+                m.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(2, 3, 8, 8)
+    ours_net, reg, alpha = copy.deepcopy(net), 1e-2, 16.0
+
+    tp_pruner = tp.pruner.GroupNormPruner(net, x, importance=tp.importance.GroupMagnitudeImportance(p=2, bias=True),
+                                          reg=reg, ignored_layers=[net.fc])
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    tp_pruner.regularize(net, alpha=alpha, bias=True)
+
+    graph = eg.trace(ours_net, x, ignored_layers=[ours_net.fc])
+    config = eg.ETPConfig(beta=reg, c=math.log(alpha), profile="group-sl")
+    sl = eg.make_regularizer(graph.groups, config, ours_net)
+    assert isinstance(sl, eg.GroupSL) and len(graph.groups) == 3
+    for p in ours_net.parameters():
+        p.grad = torch.zeros_like(p)
+    sl.apply_()
+    theirs = dict(net.named_parameters())
+    for name, p in ours_net.named_parameters():
+        assert (theirs[name].grad.abs().sum() > 0) == (name != "fc.bias"), name   # the head's bias is no unit's
+        torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-5, atol=1e-9, msg=name)
+
+    # the penalty is the same rule as a loss term: its gradient equals apply_()
+    for p in ours_net.parameters():
+        p.grad = torch.zeros_like(p)
+    sl.penalty().backward()
+    for name, p in ours_net.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-5, atol=1e-9, msg=name)
+
+
+def test_group_sl_closed_form_and_config_checks():
+    net = Net()
+    graph = eg.trace(net, X, ignored_layers=[net.head])
+    sl = eg.GroupSL(graph.groups, eg.ETPConfig(beta=0.5, c=math.log(4.0), profile="group-sl"))
+    want = 0.0
+    for s in _unit_sq(net):
+        n = s.detach().sqrt()
+        gamma = 4.0 ** ((n.max() - n) / (n.max() - n.min()))
+        want += 0.25 * float((gamma * s.detach()).sum())
+    assert float(sl.penalty()) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="norm='l2'"):
+        eg.ETPConfig(beta=1.0, profile="group-sl", norm="l1")
+    with pytest.raises(ValueError, match="make_regularizer"):
+        eg.ETP(graph.groups, eg.ETPConfig(beta=1.0, profile="linear"))

@@ -1,0 +1,191 @@
+"""Run benchmark cells: one JSON per (task, method, seed), resumable.
+
+    python -m benchmarks.run gat-cora --budget quick --seeds 0,1,2
+    python -m benchmarks.run resnet56-cifar10 --methods etp,magnitude --speedups 2,4 --round-to 8
+
+A cell: the task's dense start (cached per seed) → the method's regularisation phase (the same
+steps, data order and optimiser for every method) → one ``ETPPruner.path`` over all speed-ups →
+for each speed-up a pruned copy of that one trained model, fine-tuned for the same steps. Each
+cell records the metric at every stage, MACs, params, measured latency (batch and threads
+stated), the resolved configuration, the commit, the machine and the wall time of each phase.
+A cell whose JSON exists is not run again (``--force`` to redo it).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+import etp_graph as eg
+
+from . import methods as methods_mod
+from .tasks import TASKS, get_task
+from .tasks.base import RegHook, Task
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "etp_graph", "benchmarks/tasks",
+                                "benchmarks/run.py", "benchmarks/methods.py"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine(device: str) -> Dict[str, Any]:
+    return {"threads": torch.get_num_threads(), "device": device, "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if device.startswith("cuda") else None}
+
+
+def cell_path(out: Path, task: str, budget: str, method: str, seed: int, round_to: Optional[int]) -> Path:
+    return out / task / budget / f"{method}-s{seed}{f'-r{round_to}' if round_to else ''}.json"
+
+
+class _Clock:
+    def __init__(self):
+        self.wall: Dict[str, float] = {}
+
+    def __call__(self, phase: str):
+        clock = self
+
+        class _Span:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock.wall[phase] = round(clock.wall.get(phase, 0.0) + time.perf_counter() - self.t0, 2)
+        return _Span()
+
+
+def _reachable(pruner: eg.ETPPruner, speedups: List[float]) -> List[float]:
+    best = pruner.max_speedup()
+    kept = [s for s in speedups if s <= best]
+    if len(kept) < len(speedups):      # the largest the model reaches, just inside its limit
+        kept.append(float(f"{best * 0.98:.2f}"))
+    return sorted(set(kept))
+
+
+def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[float],
+             round_to: Optional[int], latency_repeat: int) -> Dict[str, Any]:
+    clock = _Clock()
+    with clock("dense"):
+        model = task.dense(seed)
+    dense = task.evaluate(model)
+    config = method.regularizer_config(task.betas.get(method.name))
+    pruner = eg.ETPPruner(model, task.example_inputs(), ignored_layers=task.heads(model),
+                          config=config or eg.ETPConfig(beta=0.0, **methods_mod.ETP_DEFAULTS),
+                          target_speedup=max(speedups), round_to=round_to, importance=method.importance(seed),
+                          group_filter=task.group_filter(model))
+    hook = RegHook(pruner.regularizer, task.reg_mode, task.decay_scale) if config is not None else None
+    with clock("regularise"):
+        task.train(model, task.budget.reg, seed=100 + seed, hook=hook, phase=f"{method.name} regularise")
+    regularised = task.evaluate(model)
+    with clock("plan"):
+        targets = _reachable(pruner, speedups)
+        plans = pruner.path(targets)
+    lat_inputs = task.latency_inputs()
+    with clock("latency"):
+        lat_dense = eg.measure_latency(model, lat_inputs, warmup=2, repeat=latency_repeat)
+    cuts = []
+    for plan in tqdm(plans, desc=f"{method.name} s{seed} cuts", leave=False):
+        small, report = pruner.pruned_copy(plan)
+        pruned = task.evaluate(small)
+        with clock("latency"):
+            lat = eg.measure_latency(small, lat_inputs, warmup=2, repeat=latency_repeat)
+        with clock(f"finetune {plan.target_speedup:g}x"):
+            task.train(small, task.budget.finetune, seed=200 + seed, phase=f"{method.name} fine-tune {plan.target_speedup:g}x")
+        cuts.append({"target": plan.target_speedup, **report.as_dict(),
+                     "latency_ms": [lat_dense["median_ms"], lat["median_ms"]],
+                     "latency_iqr_ms": [lat_dense["iqr_ms"], lat["iqr_ms"]],
+                     "pruned": pruned, "finetuned": task.evaluate(small)})
+    return {"dense": dense, "regularised": regularised, "cuts": cuts, "requested_speedups": speedups,
+            "skipped_groups": [dataclasses.asdict(s) for s in pruner.graph.skipped],
+            "config": {"method": {"name": method.name, "description": method.description,
+                                  "regularizer": dataclasses.asdict(config) if config else None,
+                                  "importance": "random" if method.random_importance else "coupled norm"},
+                       "task": task.describe(), "budget": dataclasses.asdict(task.budget),
+                       "reg_mode": task.reg_mode, "decay_scale": task.decay_scale,
+                       "pruner": {"round_to": round_to, "planner": "ETPPruner.path (share of group importance per MAC)"},
+                       "latency": {"repeat": latency_repeat, "inputs": _describe_inputs(lat_inputs)}},
+            "wall_s": clock.wall}
+
+
+def _describe_inputs(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return list(x.shape)
+    if isinstance(x, dict):
+        return {k: _describe_inputs(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return [_describe_inputs(v) for v in x]
+    return repr(x)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", choices=sorted(TASKS))
+    p.add_argument("--methods", default=",".join(methods_mod.METHODS), help="comma-separated")
+    p.add_argument("--speedups", default=None, help="comma-separated MACs targets (default: the task's)")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--budget", default="quick")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--round-to", type=int, default=None, help="every group keeps a multiple of this many units")
+    p.add_argument("--latency-repeat", type=int, default=10)
+    p.add_argument("--option", action="append", default=[], help="task option key=value (e.g. dataset=CiteSeer)")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--force", action="store_true", help="run cells whose JSON exists again")
+    args = p.parse_args(argv)
+    options = dict(o.split("=", 1) for o in args.option)
+    task = get_task(args.task)(args.budget, args.device, options)
+    names = [m for m in args.methods.split(",") if m]
+    chosen = [methods_mod.get(m) for m in names]
+    speedups = sorted(float(s) for s in args.speedups.split(",")) if args.speedups else list(task.speedups)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out)
+    todo = [(m, s) for s in seeds for m in chosen
+            if args.force or not cell_path(out, task.name, args.budget, m.name, s, args.round_to).is_file()]
+    print(f"{task.name} ({args.budget}): {len(todo)} of {len(seeds) * len(chosen)} cells to run; "
+          f"{torch.get_num_threads()} threads, device {args.device}")
+    if not todo:
+        return 0
+    task.load()
+    for method, seed in tqdm(todo, desc=task.name):
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        result = run_cell(task, method, seed, speedups, args.round_to, args.latency_repeat)
+        result.update({"task": task.name, "method": method.name, "seed": seed, "budget": args.budget,
+                       "options": options, "round_to": args.round_to, "commit": commit(),
+                       "machine": machine(args.device), "date": time.strftime("%Y-%m-%d %H:%M"),
+                       "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])})
+        result["wall_s"]["total"] = round(time.perf_counter() - t0, 1)
+        path = cell_path(out, task.name, args.budget, method.name, seed, args.round_to)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, path)
+        m = task.metric.name
+        tqdm.write(f"{method.name} s{seed}: dense {result['dense'][m]:.4g} → regularised "
+                   f"{result['regularised'][m]:.4g}; " + ", ".join(
+                       f"{c['speedup']:.2f}x {c['pruned'][m]:.4g}→{c['finetuned'][m]:.4g}" for c in result["cuts"])
+                   + f" ({result['wall_s']['total']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
