@@ -95,7 +95,7 @@ def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[f
                           group_filter=task.group_filter(model))
     hook = RegHook(pruner.regularizer, task.reg_mode, task.decay_scale) if config is not None else None
     with clock("regularise"):
-        task.train(model, task.budget.reg, seed=100 + seed, hook=hook, phase=f"{method.name} regularise")
+        task.train(model, task.budget.reg, seed=100 + seed, hook=hook, phase="regularise")
     regularised = task.evaluate(model)
     with clock("plan"):
         targets = _reachable(pruner, speedups)
@@ -110,7 +110,7 @@ def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[f
         with clock("latency"):
             lat = eg.measure_latency(small, lat_inputs, warmup=2, repeat=latency_repeat)
         with clock(f"finetune {plan.target_speedup:g}x"):
-            task.train(small, task.budget.finetune, seed=200 + seed, phase=f"{method.name} fine-tune {plan.target_speedup:g}x")
+            task.train(small, task.budget.finetune, seed=200 + seed, phase="finetune")
         cuts.append({"target": plan.target_speedup, **report.as_dict(),
                      "latency_ms": [lat_dense["median_ms"], lat["median_ms"]],
                      "latency_iqr_ms": [lat_dense["iqr_ms"], lat["iqr_ms"]],

@@ -103,7 +103,9 @@ class Task:
         raise NotImplementedError
 
     def train(self, model: nn.Module, length: int, seed: int, hook: Optional[RegHook] = None,
-              phase: str = "") -> None:
+              phase: str = "finetune") -> None:
+        """``length`` units of training; ``phase`` is ``"dense"``, ``"regularise"`` (every method,
+        with its hook or none) or ``"finetune"`` (after a cut)."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module) -> Dict[str, float]:

@@ -48,11 +48,11 @@ class GatCora(Task):
             pred = model(self.data.x, self.data.edge_index).argmax(1)
         return 100.0 * float((pred[mask] == self.data.y[mask]).float().mean())
 
-    def train(self, model, length, seed, hook=None, phase=""):
+    def train(self, model, length, seed, hook=None, phase="finetune"):
         torch.manual_seed(seed)
         d = self.data
         opt = torch.optim.Adam(model.parameters(), lr=0.005, weight_decay=5e-4)
-        select = phase == "dense" or "fine-tune" in phase
+        select = phase != "regularise"
         best, best_state = -1.0, None
         for _ in range(length):
             model.train()

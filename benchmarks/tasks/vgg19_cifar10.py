@@ -1,0 +1,69 @@
+"""VGG-19-BN for 32×32 inputs (DepGraph's CIFAR VGG: 16 conv layers with BN, one Linear head) on
+CIFAR-10 (JPEG), or CIFAR-100 with ``--option dataset=cifar100`` where the user has torchvision's
+``cifar-100-python`` folder (``--option data=/path``).
+
+No pretrained weights exist offline, so the dense start is trained here from scratch (its own
+budget, cached per seed outside the repository) with SGD lr 0.05, momentum 0.9, wd 5e-4, cosine.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Budget
+from .resnet56_cifar10 import CifarTask
+
+_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512)
+
+
+class VGG19BN(nn.Module):
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        layers, width = [], 3
+        for v in _CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(width, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                width = v
+        layers.append(nn.AdaptiveAvgPool2d(1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+class VGG19(CifarTask):
+    name = "vgg19-cifar10"
+    speedups = (2.0, 4.0, 8.0)
+    budgets = {
+        "quick": Budget(dense=3000, reg=200, finetune=200, unit="steps (batch 128)",
+                        note="dense start about 8 epochs from scratch; hours on 2 CPU cores, minutes on a GPU"),
+        "full": Budget(dense=78200, reg=39100, finetune=39100, unit="steps (batch 128)",
+                       note="200 epochs dense, 100 + 100 (DepGraph's VGG recipe, GPU)"),
+    }
+    betas = {"etp": 0.1, "etp-paper": 0.1, "torque": 0.1, "group-sl": 0.02}
+
+    def build(self, seed: int):
+        import torch
+        torch.manual_seed(seed)
+        return VGG19BN(100 if self.options.get("dataset") == "cifar100" else 10)
+
+    def train(self, model, length, seed, hook=None, phase="finetune"):
+        if phase == "dense":
+            self.lr = 0.05
+        try:
+            super().train(model, length, seed, hook, phase)
+        finally:
+            self.lr = 0.01
+
+    def heads(self, model):
+        return [model.classifier]
+
+    def describe(self):
+        return {"dataset": self.options.get("dataset", "cifar10"), "model": "VGG-19-BN (CIFAR, 16 conv + 1 Linear)",
+                "dense": "from scratch, SGD lr 0.05 cosine", "optimizer": "SGD lr 0.01 momentum 0.9 batch 128",
+                "latency_inputs": "128 test images"}
+
+
+TASK = VGG19

@@ -1,0 +1,71 @@
+"""The benchmark runner end to end on the seconds-long synthetic task: cells, resume, report."""
+import json
+
+import pytest
+
+from benchmarks import methods, report, run
+from benchmarks.tasks import TASKS, get_task
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    import os
+    os.environ["ETP_GRAPH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    assert run.main(["tiny-cnn", "--methods", "etp,group-sl,random", "--seeds", "0", "--out", str(out),
+                     "--latency-repeat", "2"]) == 0
+    return out
+
+
+def test_cells_record_every_stage_and_the_configuration(cells):
+    files = sorted((cells / "tiny-cnn" / "quick").glob("*.json"))
+    assert [f.name for f in files] == ["etp-s0.json", "group-sl-s0.json", "random-s0.json"]
+    r = json.loads(files[0].read_text())
+    assert r["config"]["method"]["regularizer"]["profile"] == "exp"
+    assert r["config"]["method"]["regularizer"]["order"] == "norm"
+    assert r["config"]["budget"] == {"dense": 20, "reg": 10, "finetune": 5, "unit": "steps", "note": "seconds"}
+    assert r["machine"]["threads"] >= 1 and r["machine"]["device"] == "cpu"
+    assert set(r["wall_s"]) >= {"dense", "regularise", "plan", "latency", "total"}
+    assert [c["target"] for c in r["cuts"]] == [1.5, 2.0]
+    for c in r["cuts"]:
+        assert c["speedup"] >= c["target"]
+        assert c["macs"][1] < c["macs"][0] and c["params"][1] < c["params"][0]
+        assert len(c["latency_ms"]) == 2 and all(v > 0 for v in c["latency_ms"])
+        assert 0 <= c["pruned"]["acc"] <= 100 and 0 <= c["finetuned"]["acc"] <= 100
+    a, b = r["cuts"]
+    assert all(b["units_kept"][k] <= a["units_kept"][k] for k in a["units_kept"])    # nested family
+    sl = json.loads(files[1].read_text())
+    assert sl["config"]["method"]["regularizer"]["profile"] == "group-sl"
+    assert json.loads(files[2].read_text())["config"]["method"]["importance"] == "random"
+    assert sl["dense"] == r["dense"]       # one dense start per seed, shared by every method
+
+
+def test_finished_cells_are_not_run_again(cells, capsys):
+    before = {f: f.stat().st_mtime_ns for f in (cells / "tiny-cnn" / "quick").glob("*.json")}
+    assert run.main(["tiny-cnn", "--methods", "etp,random", "--seeds", "0", "--out", str(cells)]) == 0
+    assert "0 of 2 cells to run" in capsys.readouterr().out
+    assert {f: f.stat().st_mtime_ns for f in before} == before
+
+
+def test_report_writes_tables_and_plots(cells, tmp_path):
+    md = tmp_path / "results.md"
+    report.main(["--results", str(cells), "--out", str(md), "--img", str(tmp_path / "img")])
+    text = md.read_text()
+    assert "## tiny-cnn" in text and "python -m benchmarks.run tiny-cnn" in text
+    for m in ("etp", "group-sl", "random"):
+        assert f"| {m} |" in text
+    assert (tmp_path / "img" / "tiny-cnn.png").stat().st_size > 1000
+    assert (tmp_path / "img" / "latency.png").stat().st_size > 1000
+
+
+def test_every_task_and_method_is_registered():
+    assert set(TASKS) == {"tiny-cnn", "gat-cora", "informer-etth1", "resnet56-cifar10", "vgg19-cifar10", "minilm-sst2"}
+    assert list(methods.METHODS) == ["etp", "etp-paper", "torque", "group-sl", "magnitude", "random"]
+    for name in TASKS:
+        task = get_task(name)
+        assert {"quick", "full"} <= set(task.budgets) or name == "tiny-cnn"
+        assert all(m in task.betas for m in ("etp", "etp-paper", "torque", "group-sl")), name
+    with pytest.raises(KeyError, match="known"):
+        methods.get("obd")
+    with pytest.raises(ValueError, match="budgets"):
+        get_task("gat-cora")("huge")
