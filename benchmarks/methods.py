@@ -53,8 +53,15 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("random", "no regulariser, random importance", None, random_importance=True),
 )}
 
+#: run end to end by Torch-Pruning itself (benchmarks/torch_pruning_arm.py), where it prunes exactly
+TORCH_PRUNING = Method("torch-pruning", "Torch-Pruning's own GroupNormPruner.regularize (alpha=16) and "
+                       "BasePruner with GroupMagnitudeImportance, global, pruning ratio searched to the "
+                       "MACs target", lambda b: eg.ETPConfig(beta=b, c=math.log(16.0), profile="group-sl"))
+
 
 def get(name: str) -> Method:
+    if name == TORCH_PRUNING.name:
+        return TORCH_PRUNING
     if name not in METHODS:
-        raise KeyError(f"no method {name!r}; known: {', '.join(METHODS)}")
+        raise KeyError(f"no method {name!r}; known: {', '.join(METHODS)}, {TORCH_PRUNING.name}")
     return METHODS[name]

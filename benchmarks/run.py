@@ -55,8 +55,9 @@ def machine(device: str) -> Dict[str, Any]:
 
 
 def cell_path(out: Path, task: str, budget: str, method: str, seed: int, round_to: Optional[int],
-              separate: bool = False) -> Path:
-    return out / task / budget / f"{method}-s{seed}{f'-r{round_to}' if round_to else ''}{'-sep' if separate else ''}.json"
+              separate: bool = False, beta: Optional[float] = None) -> Path:
+    tags = (f"-b{beta:g}" if beta is not None else "") + (f"-r{round_to}" if round_to else "") + ("-sep" if separate else "")
+    return out / task / budget / f"{method}-s{seed}{tags}.json"
 
 
 class _Clock:
@@ -100,17 +101,15 @@ def _regularised(task: Task, method: methods_mod.Method, seed: int, speedup: flo
     return model, pruner, config, dense
 
 
-def _cut(task: Task, pruner: eg.ETPPruner, plan: eg.PrunePlan, lat_dense, lat_inputs, seed: int,
+def _cut(task: Task, small, report: Dict[str, Any], target: float, lat_dense, lat_inputs, seed: int,
          latency_repeat: int, clock: _Clock) -> Dict[str, Any]:
-    """Prune a copy by ``plan``, measure it, fine-tune it, measure it again."""
-    small, report = pruner.pruned_copy(plan)
+    """Measure a pruned copy, fine-tune it, measure it again."""
     pruned = task.evaluate(small)
     with clock("latency"):
         lat = eg.measure_latency(small, lat_inputs, warmup=2, repeat=latency_repeat)
-    with clock(f"finetune {plan.target_speedup:g}x"):
+    with clock(f"finetune {target:g}x"):
         task.train(small, task.budget.finetune, seed=200 + seed, phase="finetune")
-    return {"target": plan.target_speedup, **report.as_dict(),
-            "latency_ms": [lat_dense["median_ms"], lat["median_ms"]],
+    return {"target": target, **report, "latency_ms": [lat_dense["median_ms"], lat["median_ms"]],
             "latency_iqr_ms": [lat_dense["iqr_ms"], lat["iqr_ms"]],
             "pruned": pruned, "finetuned": task.evaluate(small)}
 
@@ -134,7 +133,9 @@ def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[f
             _, pruner, _, _ = _regularised(task, method, seed, plan.target_speedup, round_to, clock)
             with clock("plan"):
                 plan = pruner.path([plan.target_speedup])[0]
-        cuts.append(_cut(task, pruner, plan, lat_dense, lat_inputs, seed, latency_repeat, clock))
+        small, report = pruner.pruned_copy(plan)
+        cuts.append(_cut(task, small, report.as_dict(), plan.target_speedup, lat_dense, lat_inputs, seed,
+                         latency_repeat, clock))
     return {"dense": dense, "regularised": regularised, "cuts": cuts, "requested_speedups": speedups,
             "separate_trainings": separate,
             "skipped_groups": [dataclasses.asdict(s) for s in pruner.graph.skipped],
@@ -169,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--round-to", type=int, default=None, help="every group keeps a multiple of this many units")
     p.add_argument("--separate", action="store_true",
                    help="a separate regularised training per speed-up (default: one training, a nested family)")
+    p.add_argument("--beta", action="append", default=[],
+                   help="method=value: another regulariser strength than the task's (a separate row)")
     p.add_argument("--latency-repeat", type=int, default=10)
     p.add_argument("--option", action="append", default=[], help="task option key=value (e.g. dataset=CiteSeer)")
     p.add_argument("--out", default=str(RESULTS))
@@ -176,13 +179,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     options = dict(o.split("=", 1) for o in args.option)
     task = get_task(args.task)(args.budget, args.device, options)
+    betas = {m: float(v) for m, v in (b.split("=", 1) for b in args.beta)}
+    task.betas = {**task.betas, **betas}
     names = [m for m in args.methods.split(",") if m]
     chosen = [methods_mod.get(m) for m in names]
     speedups = sorted(float(s) for s in args.speedups.split(",")) if args.speedups else list(task.speedups)
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     todo = [(m, s) for s in seeds for m in chosen
-            if args.force or not cell_path(out, task.name, args.budget, m.name, s, args.round_to, args.separate).is_file()]
+            if args.force or not cell_path(out, task.name, args.budget, m.name, s, args.round_to, args.separate, betas.get(m.name)).is_file()]
     print(f"{task.name} ({args.budget}): {len(todo)} of {len(seeds) * len(chosen)} cells to run; "
           f"{torch.get_num_threads()} threads, device {args.device}")
     if not todo:
@@ -191,13 +196,19 @@ def main(argv=None) -> int:
     for method, seed in tqdm(todo, desc=task.name):
         t0 = time.perf_counter()
         torch.manual_seed(seed)
-        result = run_cell(task, method, seed, speedups, args.round_to, args.latency_repeat, args.separate)
+        if method.name == "torch-pruning":
+            from .torch_pruning_arm import run_tp_cell
+            result = run_tp_cell(task, seed, speedups, args.round_to, args.latency_repeat)
+        else:
+            result = run_cell(task, method, seed, speedups, args.round_to, args.latency_repeat, args.separate)
         result.update({"task": task.name, "method": method.name, "seed": seed, "budget": args.budget,
+                       "beta_override": betas.get(method.name),
                        "options": options, "round_to": args.round_to, "commit": commit(),
                        "machine": machine(args.device), "date": time.strftime("%Y-%m-%d %H:%M"),
                        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])})
         result["wall_s"]["total"] = round(time.perf_counter() - t0, 1)
-        path = cell_path(out, task.name, args.budget, method.name, seed, args.round_to, args.separate)
+        path = cell_path(out, task.name, args.budget, method.name, seed, args.round_to, args.separate,
+                         betas.get(method.name))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))

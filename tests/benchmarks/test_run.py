@@ -81,3 +81,17 @@ def test_one_training_family_equals_separate_trainings_for_etp(cells):
     for a, b in zip(family["cuts"], separate["cuts"]):
         assert (a["target"], a["macs"], a["units_kept"]) == (b["target"], b["macs"], b["units_kept"])
         assert a["pruned"] == b["pruned"] and a["finetuned"] == b["finetuned"]
+
+
+def test_torch_pruning_row_runs_where_it_is_exact_and_refuses_with_its_error_elsewhere(cells):
+    from benchmarks.torch_pruning_arm import exactness
+    import etp_graph as eg
+    assert run.main(["tiny-cnn", "--methods", "torch-pruning", "--seeds", "0", "--out", str(cells),
+                     "--latency-repeat", "2"]) == 0
+    r = json.loads((cells / "tiny-cnn" / "quick" / "torch-pruning-s0.json").read_text())
+    assert r["refused"] is None and [c["target"] for c in r["cuts"]] == [1.5, 2.0]
+    assert all(c["speedup"] >= c["target"] for c in r["cuts"])
+    e = eg.zoo.entry("tiny_resnet_a")         # option-A (zero-padded) shortcut: Torch-Pruning is not exact
+    model = e.build().eval()
+    reason = exactness(model, e.example_inputs(), e.heads(model))
+    assert reason is not None and len(reason) > 10
