@@ -79,7 +79,8 @@ class _Clock:
 def _reachable(pruner: eg.ETPPruner, speedups: List[float]) -> List[float]:
     best = pruner.max_speedup()
     kept = [s for s in speedups if s <= best]
-    if len(kept) < len(speedups):      # the largest the model reaches, just inside its limit
+    # the largest the model reaches, just inside its limit, unless a kept target is already close
+    if len(kept) < len(speedups) and (not kept or best * 0.98 > kept[-1] * 1.1):
         kept.append(float(f"{best * 0.98:.2f}"))
     return sorted(set(kept))
 

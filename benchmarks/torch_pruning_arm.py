@@ -42,6 +42,20 @@ def _call(model, inputs):
     return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
 
+def _zero_out_channels(dg, module: nn.Module, idxs: List[int]) -> None:
+    """Zero these output channels of ``module``'s weight and bias, along the dim whose size is the
+    module's output width as Torch-Pruning reports it (dim 0 first: an ambiguous shape can only
+    make the check refuse, never pass wrongly)."""
+    width = dg.get_out_channels(module)
+    for attr in ("weight", "bias"):
+        t = getattr(module, attr, None)
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            continue
+        dim = next((d for d in range(min(t.dim(), 2)) if t.shape[d] == width), None)
+        if dim is not None:
+            t.index_fill_(dim, torch.tensor(idxs, dtype=torch.long), 0.0)
+
+
 def exactness(model: nn.Module, inputs: Any, heads: List[nn.Module], ratio: float = 0.3) -> Optional[str]:
     """``None`` when Torch-Pruning's pruning equals masking the same channels; else why not."""
     try:
@@ -49,6 +63,9 @@ def exactness(model: nn.Module, inputs: Any, heads: List[nn.Module], ratio: floa
         pruner = _tp_pruner(pruned, inputs, _heads_in(pruned, model, heads), ratio, False)
         pruner.step()
         history = pruner.DG.pruning_history()
+        if not history or eg.count_params(pruned) >= eg.count_params(model):
+            return ("Torch-Pruning found nothing to prune in this model at pruning_ratio "
+                    f"{ratio} (its layers are not ones it knows how to prune)")
         masked = copy.deepcopy(model).eval()
         dg = tp.DependencyGraph().build_dependency(masked, inputs, ignored_layers=_heads_in(masked, model, heads))
         groups = []
@@ -60,10 +77,7 @@ def exactness(model: nn.Module, inputs: Any, heads: List[nn.Module], ratio: floa
             for group in groups:
                 for dep, dep_idxs in group:
                     if dg.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, nn.Module):
-                        for attr in ("weight", "bias"):
-                            t = getattr(dep.target.module, attr, None)
-                            if isinstance(t, torch.Tensor) and t.dim() >= 1:
-                                t.index_fill_(0, torch.tensor(list(dep_idxs), dtype=torch.long), 0.0)
+                        _zero_out_channels(dg, dep.target.module, [int(getattr(i, "idx", i)) for i in dep_idxs])
             a, b = _call(pruned, inputs), _call(masked, inputs)
         if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
             return (f"Torch-Pruning's pruned model differs from masking the same channels (max |diff| "

@@ -265,3 +265,13 @@ def test_custom_importance_decides_what_is_removed():
         norms = g.unit_norms().detach()
         removed = strongest_first.plan()[g.id]
         assert sorted(removed) == sorted(torch.argsort(-norms)[:len(removed)].tolist())
+
+
+def test_max_speedup_is_the_limit_of_path():
+    net = VGGish().eval()
+    pruner = eg.ETPPruner(net, X, ignored_layers=[net.fc], target_speedup=2.0, max_pruning_ratio=0.5)
+    best = pruner.max_speedup()
+    assert 2.0 < best < 10.0
+    assert pruner.path([best])[0].speedup == pytest.approx(best)
+    with pytest.raises(ValueError, match="unreachable"):
+        pruner.path([best * 1.05])
