@@ -9,9 +9,10 @@ input columns), the penalty is
     s_g[i] = Σ |θ| over unit i  (norm="l1", the public code's variant)
 
 with the weight profile ``w(i) = exp(c·|i − p|/N)`` (:class:`ETP`) or ``|i − p|/N``
-(:class:`Torque`), ``p`` the pivot unit. :class:`GroupSL` is DepGraph's sparse learning (Torch-
-Pruning's ``GroupNormPruner.regularize``) over the same groups, for comparison. Units far from the pivot pay exponentially more, so
+(:class:`Torque`), ``p`` the pivot unit. Units far from the pivot pay exponentially more, so
 training concentrates the group's information near the pivot and drives the far units to zero.
+:class:`GroupSL` is DepGraph's sparse learning (Torch-Pruning's ``GroupNormPruner.regularize``)
+over the same groups, for comparison.
 ``i`` is the unit's place in the group's ordering: its index (``order="index"``, the public
 code) or, with ``order="norm"``, its rank by coupled norm when the regulariser is built (the
 strongest unit on the pivot, the weakest farthest away), which is what a pretrained model wants:

@@ -13,6 +13,7 @@ from typing import Dict
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from etp_graph.datasets import load_planetoid
 from etp_graph.zoo.gat import GAT
@@ -54,7 +55,7 @@ class GatCora(Task):
         opt = torch.optim.Adam(model.parameters(), lr=0.005, weight_decay=5e-4)
         select = phase != "regularise"
         best, best_state = -1.0, None
-        for _ in range(length):
+        for _ in tqdm(range(length), desc=phase, leave=False):
             model.train()
             loss = F.cross_entropy(model(d.x, d.edge_index)[d.train_mask], d.y[d.train_mask])
             sgd_step(model, loss, opt, hook)
