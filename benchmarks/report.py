@@ -169,10 +169,11 @@ def main(argv=None) -> int:
         suffix = f"-{opts.replace(',', '-').replace('=', '')}" if opts else ""
         png = img / f"{task}{'' if budget == 'quick' else '-' + budget}{suffix}.png"
         plot_task(cs, metric, png)
-        b = cs[0]["config"]["budget"]
+        b = cs[0]["config"]["budget"]      # what ran; the time note is the task's current one
+        note = t.budgets[budget].note if budget in t.budgets else b["note"]
         lines += [f"## {task} ({budget}{', ' + opts if opts else ''})", "",
                   f"Budget: dense start {b['dense']}, regularisation {b['reg']}, fine-tune {b['finetune']} "
-                  f"{b['unit']} per cut ({b['note']}). Machine: {cs[0]['machine']['threads']} threads, "
+                  f"{b['unit']} per cut ({note}). Machine: {cs[0]['machine']['threads']} threads, "
                   f"{cs[0]['machine']['device']}. Cells: {len(cs)}, "
                   f"{sum(c['wall_s']['total'] for c in cs) / 60:.0f} min in all.", "",
                   "Commands:", ""] + [f"    {cmd}" for cmd in sorted({c["command"] for c in cs})] + [""]

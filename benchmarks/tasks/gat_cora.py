@@ -27,7 +27,7 @@ class GatCora(Task):
     speedups = (2.0, 4.0, 8.0)
     budgets = {
         "quick": Budget(dense=200, reg=200, finetune=100, unit="epochs",
-                        note="full-batch epochs; about 25 s per cell on 2 CPU cores"),
+                        note="full-batch epochs; 1–2 min per cell on 2 CPU cores (measured)"),
         "full": Budget(dense=1000, reg=1000, finetune=300, unit="epochs"),
     }
     reg_mode = "grad"

@@ -28,7 +28,7 @@ class InformerETTh1(Task):
     speedups = (2.0, 4.0, 8.0)
     budgets = {
         "quick": Budget(dense=532, reg=200, finetune=100, unit="steps (batch 32)",
-                        note="dense start 2 epochs; about 3 min per cell on 2 CPU cores"),
+                        note="dense start 2 epochs; 6–7 min per cell at 1 thread (measured)"),
         "full": Budget(dense=2130, reg=1065, finetune=532, unit="steps (batch 32)",
                        note="8 / 4 / 2 epochs"),
     }

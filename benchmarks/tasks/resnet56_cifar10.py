@@ -70,7 +70,7 @@ class ResNet56(CifarTask):
     speedups = (2.0, 4.0, 8.0)
     budgets = {
         "quick": Budget(dense=0, reg=100, finetune=100, unit="steps (batch 128)",
-                        note="the pretrained model is the dense start; about 9 min per cell on 2 CPU cores"),
+                        note="the pretrained model is the dense start; about 11.5 min per cell at 2 threads (measured)"),
         "full": Budget(dense=0, reg=39100, finetune=39100, unit="steps (batch 128)",
                        note="100 + 100 epochs, as DepGraph's ResNet-56 recipe (GPU)"),
     }
