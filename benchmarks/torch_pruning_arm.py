@@ -13,7 +13,6 @@ our fvcore count reaches the target. Fine-tuning and measurement are the suite's
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Dict, List, Optional
 
 import torch
