@@ -37,12 +37,16 @@ class VGG19(CifarTask):
     name = "vgg19-cifar10"
     speedups = (2.0, 4.0, 8.0)
     budgets = {
-        "quick": Budget(dense=3000, reg=60, finetune=60, unit="steps (batch 128)",
-                        note="dense start about 8 epochs from scratch; not yet run on 2 CPU cores "
-                             "(VGG-19 at 32x32 is about 0.4 GMAC an image), meant for a GPU"),
+        "quick": Budget(dense=400, reg=40, finetune=30, unit="steps (batch 128)",
+                        note="dense start 400 steps (about one epoch) from scratch, top-1 on the first "
+                             "2,000 test images: a training step of VGG-19-BN takes 4.5 s on 2 CPU "
+                             "cores (measured), so this is what fits in an hour; the comparison "
+                             "that matters is the full budget, on a GPU"),
         "full": Budget(dense=78200, reg=39100, finetune=39100, unit="steps (batch 128)",
                        note="200 epochs dense, 100 + 100 (DepGraph's VGG recipe, GPU)"),
     }
+    #: test images scored per budget (all 10,000 unless listed)
+    eval_images = {"quick": 2000}
     betas = {"etp": 0.1, "etp-paper": 0.1, "torque": 0.1, "group-sl": 0.02}
 
     def build(self, seed: int):
@@ -58,12 +62,18 @@ class VGG19(CifarTask):
         finally:
             self.lr = 0.01
 
+    def evaluate(self, model):
+        from etp_graph.train import evaluate as top1
+        n = self.eval_images.get(self.budget_name, len(self.test_x))
+        return {"top1": top1(model, self.test_x[:n], self.test_y[:n])}
+
     def heads(self, model):
         return [model.classifier]
 
     def describe(self):
         return {"dataset": self.options.get("dataset", "cifar10"), "model": "VGG-19-BN (CIFAR, 16 conv + 1 Linear)",
-                "dense": "from scratch, SGD lr 0.05 cosine", "optimizer": "SGD lr 0.01 momentum 0.9 batch 128",
+                "dense": "from scratch, SGD lr 0.05 cosine",
+                "test_images": self.eval_images.get(self.budget_name, 10000), "optimizer": "SGD lr 0.01 momentum 0.9 batch 128",
                 "latency_inputs": "128 test images"}
 
 
