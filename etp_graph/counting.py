@@ -17,7 +17,7 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
-from .graph.verify import forward
+from .graph.inputs import as_call, eval_mode, forward
 
 __all__ = ["count_macs", "count_params", "unsupported_ops", "measure_latency", "MAC_HANDLES", "FREE_OPS"]
 
@@ -98,11 +98,9 @@ class _KeywordCall(nn.Module):
 
 
 def _analysis(model: nn.Module, example_inputs: Any) -> FlopCountAnalysis:
-    if isinstance(example_inputs, dict):
-        model, inputs = _KeywordCall(model, example_inputs.keys()), tuple(example_inputs.values())
-    else:
-        inputs = example_inputs if isinstance(example_inputs, tuple) else (
-            tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,))
+    inputs, kwargs = as_call(example_inputs)
+    if kwargs:
+        model, inputs = _KeywordCall(model, kwargs.keys()), tuple(kwargs.values())
     fca = FlopCountAnalysis(model, inputs)
     fca.set_op_handle(**MAC_HANDLES)
     fca.set_op_handle(**{op: None for op in FREE_OPS if op not in fca._op_handles})
@@ -118,14 +116,10 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
         >>> count_macs(nn.Linear(8, 4), torch.randn(2, 8))   # 2 rows · 8 · 4
         64
     """
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         fca = _analysis(model, example_inputs)
         total = int(fca.total())
         missing = dict(fca.unsupported_ops())
-    finally:
-        model.train(was)
     if missing:
         warnings.warn(f"count_macs: no MAC handle for {sorted(missing)}; their cost is not included. "
                       "Add one to etp_graph.counting.MAC_HANDLES or declare it in FREE_OPS.",
@@ -135,14 +129,10 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
 
 def unsupported_ops(model: nn.Module, example_inputs: Any) -> Dict[str, int]:
     """Ops (and how often they run) that :func:`count_macs` cannot count."""
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         fca = _analysis(model, example_inputs)
         fca.total()
         return dict(fca.unsupported_ops())
-    finally:
-        model.train(was)
 
 
 def count_params(model: nn.Module) -> int:
@@ -156,10 +146,8 @@ def measure_latency(model: nn.Module, example_inputs: Any, warmup: int = 3, repe
     """
     if repeat < 1 or warmup < 0:
         raise ValueError(f"repeat must be >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
-    was = model.training
-    model.eval()
     times = []
-    try:
+    with eval_mode(model):
         with torch.inference_mode():
             for _ in range(warmup):
                 forward(model, example_inputs)
@@ -167,8 +155,6 @@ def measure_latency(model: nn.Module, example_inputs: Any, warmup: int = 3, repe
                 t0 = time.perf_counter()
                 forward(model, example_inputs)
                 times.append((time.perf_counter() - t0) * 1e3)
-    finally:
-        model.train(was)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return {"median_ms": statistics.median(times), "iqr_ms": q[2] - q[0], "min_ms": min(times),
             "repeat": repeat, "threads": torch.get_num_threads()}

@@ -13,7 +13,8 @@ from typing import Any, Callable, Dict, Union
 import torch
 from torch import nn
 
-from .graph.group import _restore, _snapshot
+from .graph.atomic import atomic
+from .handlers import get_handler
 
 __all__ = ["save_pruned", "load_pruned"]
 
@@ -63,8 +64,7 @@ def load_pruned(factory_or_model: Union[nn.Module, Callable[[], nn.Module]],
     if missing:
         raise ValueError(f"the checkpoint has modules {missing[:5]} that the model lacks; pass the "
                          "same architecture the pruned model was made from")
-    snapshot = {n: _snapshot(m) for n, m in mods.items()}
-    try:
+    with atomic(model):
         for name, spec in ckpt["structure"].items():
             m = mods[name]
             for k, shape in spec["params"].items():
@@ -79,14 +79,11 @@ def load_pruned(factory_or_model: Union[nn.Module, Callable[[], nn.Module]],
                     m._buffers[k] = torch.empty(shape, dtype=b.dtype if b is not None else torch.float32)
             for k, v in spec["attrs"].items():
                 setattr(m, k, tuple(v) if isinstance(v, list) and isinstance(getattr(m, k, None), tuple) else v)
-            if hasattr(m, "_init_flat_weights"):
-                m._init_flat_weights()
+            handler = get_handler(m)
+            if handler is not None:      # derived state (an RNN's flat weights)
+                handler.restored(m)
             if spec["attrs"].get("etp_surgery"):   # a pruned attention's replaced forward
                 from .handlers.attention import apply_surgery
                 apply_surgery(m)
         model.load_state_dict(ckpt["state_dict"], strict=True)
-    except Exception:
-        for n, m in mods.items():
-            _restore(m, snapshot[n])
-        raise
     return model

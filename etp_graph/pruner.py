@@ -21,7 +21,7 @@ from torch import nn
 
 from .counting import count_macs, count_params, measure_latency as _measure_latency
 from .graph import CoupledGroup, trace
-from .graph.group import _restore, _snapshot
+from .graph.atomic import Snapshot
 from .importance import removal_order
 from .torque import ETPConfig, Regularizer, make_regularizer
 
@@ -235,7 +235,7 @@ class ETPPruner:
         for g in self.graph.groups:
             units = plan.get(g.id)
             if units:
-                g._cut(clone, torch.tensor(sorted(units), dtype=torch.long))
+                g.cut(clone, sorted(units))
         return clone
 
     def _candidates(self, base: int) -> List[tuple]:
@@ -357,7 +357,7 @@ class ETPPruner:
         macs_before, params_before = self._macs(self.model), count_params(self.model)
         lat_before = _measure_latency(self.model, self.example_inputs, repeat=latency_repeat) if measure_latency else None
         target, plan = self._resolve_plan(plan)
-        snapshot = {name: _snapshot(m) for name, m in self.model.named_modules()}
+        snapshot = Snapshot(self.model)
         results = []
         try:
             for g in self.graph.groups:
@@ -367,9 +367,7 @@ class ETPPruner:
                 results.append(GroupResult(g.root, before, g.size, list(units)))
             macs_after = self._macs(self.model)
         except BaseException:
-            for name, m in self.model.named_modules():
-                if name in snapshot:
-                    _restore(m, snapshot[name])
+            snapshot.restore()
             self._build()    # the groups were renumbered by the partial prune: trace afresh
             raise
         lat_after = _measure_latency(self.model, self.example_inputs, repeat=latency_repeat) if measure_latency else None

@@ -1,5 +1,7 @@
 """Tracing a model into coupled groups."""
-from .group import ChannelGraph, CoupledGroup, SkippedGroup
-from .trace import HARMLESS_OPS, TraceError, trace
+from .graph import ChannelGraph, SkippedGroup
+from .group import CoupledGroup
+from .ops import HARMLESS_OPS
+from .trace import TraceError, trace
 
 __all__ = ["ChannelGraph", "CoupledGroup", "SkippedGroup", "TraceError", "trace", "HARMLESS_OPS"]

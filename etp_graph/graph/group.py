@@ -1,14 +1,18 @@
-"""``CoupledGroup``: one set of units tied across tensors, and ``ChannelGraph``, the set of them."""
+"""``CoupledGroup``: one set of units tied across tensors (``SliceItem``s), and what it can do:
+measure, mask, prune (atomically), renumber."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import networkx as nx
 import torch
 from torch import nn
 
 from ..handlers import get_handler
+from .atomic import atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .graph import ChannelGraph
 
 
 @dataclasses.dataclass
@@ -158,12 +162,15 @@ class CoupledGroup:
         units = self._check(indices)
         if len(units) == 0:
             return
-        self._cut(self._graph.model, units)
+        self.cut(self._graph.model, units)
         self._renumber(units)
 
     # ------------------------------------------------------------------------------ internals
-    def _cut(self, model: nn.Module, units: torch.Tensor) -> None:
-        """Remove ``units``' slices from ``model`` (the graph's model or a structural copy)."""
+    def cut(self, model: nn.Module, units: Iterable[int]) -> None:
+        """Remove ``units``' slices from ``model``: the graph's model or a copy of it (same module
+        names), without renumbering this group. Atomic: on error ``model`` is unchanged. Use
+        :meth:`prune` for the graph's own model; this is for pruned copies (a plan, a check)."""
+        units = torch.as_tensor(list(units) if not isinstance(units, torch.Tensor) else units, dtype=torch.long)
         plan: Dict[Tuple[str, str], Dict[int, set]] = {}
         removed: Dict[Tuple[str, str], set] = {}
         for it in self.items:
@@ -174,8 +181,7 @@ class CoupledGroup:
             if it.module is not None:
                 removed.setdefault((it.module, it.role), set()).update(it.channel[sel].tolist())
         touched = {o for o, _ in plan} | {m for m, _ in removed}
-        snapshot = {name: _snapshot(_resolve(model, name)) for name in touched}
-        try:
+        with atomic(model, touched):
             for (owner, attr), dims in plan.items():
                 mod = _resolve(model, owner)
                 t = getattr(mod, attr)
@@ -193,10 +199,6 @@ class CoupledGroup:
             for mname, c in counts.items():
                 mod = _resolve(model, mname)
                 get_handler(mod).refresh(mod, c)
-        except Exception:
-            for name, state in snapshot.items():
-                _restore(_resolve(model, name), state)
-            raise
 
     def _renumber(self, units: torch.Tensor) -> None:
         shift: Dict[Tuple[str, str, int], torch.Tensor] = {}
@@ -219,70 +221,3 @@ class CoupledGroup:
             it.channel = ch - torch.searchsorted(lost[(it.module, it.role)], ch)
             it.pairs = None
         self._size = len(kept)
-
-
-def _snapshot(mod: nn.Module) -> dict:
-    return {"_parameters": dict(mod._parameters), "_buffers": dict(mod._buffers), "class": type(mod),
-            "attrs": {k: v for k, v in vars(mod).items() if not k.startswith("_")}}
-
-
-def _restore(mod: nn.Module, state: dict) -> None:
-    mod._parameters.clear(); mod._parameters.update(state["_parameters"])
-    mod._buffers.clear(); mod._buffers.update(state["_buffers"])
-    mod.__class__ = state["class"]   # undo a forward replacement (pruned attention)
-    for k in [k for k in vars(mod) if k.startswith("etp_") and k not in state["attrs"]]:
-        delattr(mod, k)
-    for k, v in state["attrs"].items():
-        setattr(mod, k, v)
-    if hasattr(mod, "_init_flat_weights"):
-        mod._init_flat_weights()
-
-
-@dataclasses.dataclass(frozen=True)
-class SkippedGroup:
-    """A group the engine will not prune, and why."""
-
-    root: str
-    reason: str
-
-
-class ChannelGraph:
-    """Result of :func:`etp_graph.trace`: the coupled groups of a model and the layer graph."""
-
-    def __init__(self, model: nn.Module, groups: List[CoupledGroup], skipped: List[SkippedGroup],
-                 nodes: Dict[str, str], edges: List[Tuple[str, str]], unknown_ops: Dict[str, List[int]]):
-        self.model = model
-        self.groups = groups
-        self.skipped = skipped
-        self._nodes = nodes
-        self._edges = edges
-        #: autograd ops the channels pass through that are neither handled nor declared harmless,
-        #: mapped to the ids of the groups they touch (those groups were verified by masking).
-        self.unknown_ops = unknown_ops
-
-    def __repr__(self) -> str:
-        return f"ChannelGraph(groups={len(self.groups)}, skipped={len(self.skipped)})"
-
-    def table(self) -> str:
-        """A readable table of the groups: id, root, units, layers, exactness."""
-        rows = [("id", "root", "units", "layers", "check")]
-        for g in self.groups:
-            rows.append((str(g.id), g.root, str(g.size), str(len(g.modules)),
-                         "exact" if g.exact else "shape"))
-        for s in self.skipped:
-            rows.append(("-", s.root, "-", "-", "skipped: " + s.reason[:60]))
-        w = [max(len(r[i]) for r in rows) for i in range(4)]
-        return "\n".join("  ".join(r[i].ljust(w[i]) for i in range(4)) + "  " + r[4] for r in rows)
-
-    def to_networkx(self) -> nx.DiGraph:
-        """Layers (and non-parametric ops) as nodes with ``kind`` and ``groups`` (group ids);
-        data-flow edges from producer to consumer."""
-        g = nx.DiGraph()
-        member: Dict[str, List[int]] = {}
-        for grp in self.groups:
-            for name in grp.modules:
-                member.setdefault(name, []).append(grp.id)
-        for name, kind in self._nodes.items():
-            g.add_node(name, kind=kind, groups=sorted(member.get(name, [])))
-        g.add_edges_from(self._edges)
-        return g

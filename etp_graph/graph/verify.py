@@ -7,14 +7,7 @@ from typing import Any, List, Optional
 import torch
 from torch import nn
 
-
-def forward(model: nn.Module, example_inputs: Any) -> Any:
-    """Call ``model`` the way ``example_inputs`` says: Tensor, positional tuple/list, or kwargs dict."""
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
+from .inputs import forward
 
 
 def flat_tensors(out: Any) -> List[torch.Tensor]:
@@ -67,7 +60,7 @@ def check_group(model: nn.Module, example_inputs: Any, group, fraction: float = 
     hooks = []
     try:
         group.zero_(units, model=masked)
-        group._cut(pruned, torch.tensor(units, dtype=torch.long))
+        group.cut(pruned, units)
         def leave(*_):
             if inside:
                 inside.pop()

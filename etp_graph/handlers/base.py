@@ -1,17 +1,19 @@
 """Per-layer-family knowledge: which tensor slices belong to a unit, and how to keep a module valid.
 
-A *handler* answers, for one family of modules, three questions and nothing else:
+A *handler* holds everything the engine knows about one family of modules; the graph, the
+regulariser and the pruner only ever see the :class:`TensorSlice` tables it returns, so zeroing,
+measuring and removing a unit are driven by one table and can never disagree. Its hooks:
 
-* ``slices(module, role)`` — for ``role="out"`` (the module's output channels) or ``role="in"``
-  (its input channels): which tensors (parameters *and* buffers), along which dimension, and
-  which tensor indices each channel owns. The graph, the regulariser and the pruner only ever see
-  these :class:`TensorSlice` objects, so zeroing, measuring and removing a unit are driven by
-  one table and can never disagree.
-* ``period(module, role)`` — channels that must be removed together (a grouped convolution must
-  lose the same position in every group; a bidirectional RNN the same hidden unit in both
-  directions). ``None`` when any subset may go.
-* ``refresh(module)`` — rewrite the module's bookkeeping (``out_features``, ``groups``,
-  ``hidden_size`` …) from its tensors after they were cut.
+* tracing — ``matches`` (structure-registered handlers), ``traced_as_leaf`` and ``observe``
+  (layers hidden from the backend), ``num_channels`` (sizes for the backend's leaf adapter);
+* grouping — ``slices(module, role)`` (for ``role="out"``, the output channels, or ``"in"``:
+  which parameters and buffers, along which dimension, which indices each channel owns),
+  ``period`` and ``block`` (channels that must go together: a grouped convolution's positions,
+  a head's dimensions), ``unsupported`` (a reason it cannot be cut in a role),
+  ``internal_groups`` (units wholly inside the module: attention heads);
+* pruning — ``refresh(module, removed)`` (rewrite ``out_features``, ``groups``, ``hidden_size``
+  … after the tensors were cut) and ``restored(module)`` (redo derived state after an atomic
+  restore, see :mod:`etp_graph.graph.atomic`).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ __all__ = [
     "register_handler",
     "get_handler",
     "registered_handlers",
+    "unregister_handler",
     "InternalGroup",
 ]
 
@@ -104,6 +107,10 @@ class LayerHandler:
         ``removed`` maps a role (``"out"``/``"in"``) to how many channels it lost.
         """
 
+    def restored(self, module: nn.Module) -> None:
+        """Called after the module's tensors and attributes were put back by an atomic restore:
+        rebuild what is derived from them (an RNN's flat weight list)."""
+
     def unsupported(self, module: nn.Module, role: str) -> Optional[str]:
         """A reason why this module cannot be cut in this role, or ``None``."""
         return None
@@ -138,10 +145,18 @@ def register_handler(cls: Type[LayerHandler]) -> Type[LayerHandler]:
         if t in _REGISTRY:
             raise ValueError(
                 f"a handler for {t.__name__} is already registered "
-                f"({type(_REGISTRY[t]).__name__}); unregister it or subclass the module type"
+                f"({type(_REGISTRY[t]).__name__}); call unregister_handler({type(_REGISTRY[t]).__name__}) first "
+                f"or subclass the module type"
             )
         _REGISTRY[t] = instance
     return cls
+
+
+def unregister_handler(cls: Type[LayerHandler]) -> None:
+    """Remove every registration of handler class ``cls`` (to replace a built-in one)."""
+    for t in [t for t, h in _REGISTRY.items() if type(h) is cls]:
+        del _REGISTRY[t]
+    _PATTERNS[:] = [h for h in _PATTERNS if type(h) is not cls]
 
 
 def get_handler(module: nn.Module) -> Optional[LayerHandler]:

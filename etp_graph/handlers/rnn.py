@@ -78,7 +78,10 @@ class RNNHandler(LayerHandler):
     def refresh(self, m, removed):
         m.hidden_size = m.weight_hh_l0.shape[1]
         m.input_size = m.weight_ih_l0.shape[1]
-        if hasattr(m, "_init_flat_weights"):
+        self.restored(m)
+
+    def restored(self, m):
+        if hasattr(m, "_init_flat_weights"):   # the cuDNN flat weight list points at the tensors
             m._init_flat_weights()
 
     def num_channels(self, m, role):

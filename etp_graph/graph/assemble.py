@@ -1,0 +1,239 @@
+"""Group assembly: a backend group (every coupled tensor slice of one root layer's channels),
+read through our handlers, becomes a :class:`CoupledGroup` of units, or is refused with a reason.
+
+A *unit* is a set of root channels that can only go together: channels that reach the same
+local channel somewhere, that a grouped layer ties by a period or block, or that meet after a
+split (a GLU's halves).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+from torch import nn
+from torch_pruning import ops as tp_ops
+
+from ..handlers import get_handler
+from ..handlers.base import TensorSlice
+from .backend import Backend
+from .graph import ChannelGraph, SkippedGroup
+from .group import CoupledGroup, SliceItem
+from .ops import PRODUCT_OPS, op_name
+
+__all__ = ["Refused", "make_group", "internal_groups", "shared_channel_merges"]
+
+#: backend op types that only route channels (their maps are the backend's or ours)
+_ROUTING = (tp_ops.OPTYPE.CONCAT, tp_ops.OPTYPE.SPLIT, tp_ops.OPTYPE.RESHAPE,
+            tp_ops.OPTYPE.UNBIND, tp_ops.OPTYPE.EXPAND, tp_ops.OPTYPE.SLICE)
+
+
+class Refused(Exception):
+    """A group that will not be returned; the message is the reason shown to the user."""
+
+
+@dataclasses.dataclass
+class _Entry:
+    """One backend dependency seen through our handler: a layer's channels in one role."""
+
+    module: Optional[str]        # layer refreshed after a cut (None for a free parameter)
+    owner: str                   # module owning the tensors
+    role: str                    # "out" | "in"
+    idxs: List[int]              # layer-local channel numbers
+    root_idxs: List[int]         # the root channel each one is coupled to
+    slices: List[TensorSlice]
+    period: Optional[int]        # channels equal modulo this go together
+    block: Optional[int] = None  # channels with equal c // block go together
+
+
+@dataclasses.dataclass
+class _Reading:
+    """What the items of one backend group amount to, before units are formed."""
+
+    entries: List[_Entry] = dataclasses.field(default_factory=list)
+    ops: List[str] = dataclasses.field(default_factory=list)
+    pinned: Set[int] = dataclasses.field(default_factory=set)   # root channels no tensor owns
+    exact: bool = True
+
+
+def shared_channel_merges(bk: Backend, module: nn.Module, tpg) -> List[Tuple[int, int]]:
+    """Root channels that meet in one channel after a split (a GLU's two halves multiplied).
+
+    The backend merges the indices of a group by position and keeps one root per index, so this
+    is found by following each root channel alone, only for groups that pass a split."""
+    kinds = (tp_ops.OPTYPE.SPLIT, tp_ops.OPTYPE.UNBIND, tp_ops.OPTYPE.SLICE)
+    if not any(bk.kind(it.dep.target) in kinds for it in tpg):
+        return []
+    dg, fn = bk.dg, tpg[0].dep.handler
+    owner: Dict[Tuple[int, bool, int], int] = {}
+    merges = []
+    for r in sorted(set(tpg[0].root_idxs)):
+        for it in dg.get_pruning_group(module, fn, [r]):
+            target = it.dep.target.module
+            if not isinstance(target, nn.Parameter) and get_handler(target) is None:
+                continue  # only channels that a tensor owns (op nodes may map spatial slices)
+            for i in it.idxs:
+                key = (id(it.dep.target), dg.is_out_channel_pruning_fn(it.dep.handler), i)
+                first = owner.setdefault(key, r)
+                if first != r:
+                    merges.append((first, r))
+    return merges
+
+
+def _read_op(bk: Backend, node, idxs, root_idxs, out: _Reading) -> None:
+    """A non-parametric node of the group: routing, owned by us, or element-wise."""
+    mod, facts = node.module, bk.get(node)
+    if node.type in _ROUTING:
+        out.ops.append(type(mod).__name__.strip("_").replace("Op", ""))
+        return
+    if facts.refuse:
+        raise Refused(facts.refuse)
+    if facts.backend_error:
+        raise Refused(facts.backend_error)
+    if facts.owned:
+        if facts.period:   # a view/chunk into equal parts
+            out.entries.append(_Entry(None, "", "out", idxs, root_idxs, [], facts.period))
+        out.ops.append(type(mod).__name__.strip("_").split("Op")[0].split("_")[0])
+        return
+    out.ops.append(op_name(node.grad_fn) if node.grad_fn is not None else "Unknown")
+    span = facts.pad_span
+    if span is not None:  # padded channels belong to no tensor: not prunable here
+        out.pinned.update(r for i, r in zip(idxs, root_idxs) if not span[0] <= i < span[1])
+
+
+def _read_layer(bk: Backend, item, ignored: Set[nn.Module], out: _Reading) -> None:
+    """A layer of the group, through its handler."""
+    dep, mod = item.dep, item.dep.target.module
+    name = bk.dg._module2name.get(mod, type(mod).__name__)
+    handler = get_handler(mod)
+    if handler is None:
+        raise Refused(f"no handler for {name!r} ({type(mod).__name__}); register one with "
+                      "@etp_graph.handlers.register_handler or pass ignored_layers=[...]")
+    role = "out" if bk.dg.is_out_channel_pruning_fn(dep.handler) else "in"
+    if role == "out" and mod in ignored:
+        raise Refused(f"it couples the output channels of ignored layer {name!r}")
+    why = handler.unsupported(mod, role)
+    if why:
+        raise Refused(f"{name!r}: {why}")
+    out.exact &= handler.exact_when_masked
+    out.entries.append(_Entry(name, name, role, list(item.idxs), list(item.root_idxs), handler.slices(mod, role),
+                              handler.period(mod, role), handler.block(mod, role)))
+
+
+def _read(bk: Backend, tpg, ignored: Set[nn.Module]) -> _Reading:
+    param_names = {id(p): n for p, n in bk.dg._param_to_name.items()}
+    out = _Reading()
+    for item in tpg:
+        node, mod = item.dep.target, item.dep.target.module
+        idxs, root_idxs = list(item.idxs), list(item.root_idxs)
+        if isinstance(mod, nn.Parameter):
+            owner, _, attr = param_names[id(mod)].rpartition(".")
+            dim = node.pruning_dim % mod.dim()
+            out.entries.append(_Entry(None, owner, "out", idxs, root_idxs, [TensorSlice(attr, dim)], None))
+        elif node.type == tp_ops.OPTYPE.OUTPUT:
+            raise Refused("its channels are a model output; pruning would change the output's shape "
+                          "(add the producing layer to ignored_layers)")
+        elif node.type in _ROUTING or isinstance(mod, tp_ops._ElementWiseOp) or bk.get(node).owned \
+                or bk.get(node).refuse or bk.get(node).backend_error:
+            _read_op(bk, node, idxs, root_idxs, out)
+        else:
+            _read_layer(bk, item, ignored, out)
+    return out
+
+
+def make_group(bk: Backend, tpg, root_name: str, ignored: Set[nn.Module], gid: int, graph: ChannelGraph,
+               merges: Sequence[Tuple[int, int]] = ()) -> CoupledGroup:
+    """The :class:`CoupledGroup` of backend group ``tpg`` rooted at ``root_name``; raises
+    :class:`Refused` with the reason when it cannot be pruned exactly."""
+    r = _read(bk, tpg, ignored)
+    products = sorted(set(r.ops) & PRODUCT_OPS)
+    if products:
+        parent = root_name.rpartition(".")[0]
+        where = (f"{parent!r} ({type(bk.dg.model.get_submodule(parent)).__name__})" if parent
+                 else "the model's forward")
+        raise Refused(f"no handler for {where}: the channels of {root_name!r} meet other channels in a "
+                      f"matrix product ({', '.join(products)}), as in an attention the engine does not "
+                      "know; register a handler for it (see etp_graph.handlers.attention) or pass "
+                      "ignored_layers=[...]")
+    return _assemble(r, root_name, gid, graph, merges)
+
+
+def _units(entries: List[_Entry], roots: List[int], merges) -> List[List[int]]:
+    """Root channels partitioned into units (union-find), ordered by their smallest channel."""
+    parent = {r: r for r in roots}
+
+    def find(r):
+        while parent[r] != r:
+            parent[r] = parent[parent[r]]
+            r = parent[r]
+        return r
+    for a, b in merges:
+        if a in parent and b in parent:
+            parent[find(a)] = find(b)
+    for e in entries:  # root channels that reach the same local channel can only go together
+        owner_of: Dict[int, int] = {}
+        for i, r in zip(e.idxs, e.root_idxs):
+            if r in parent:
+                parent[find(r)] = find(owner_of.setdefault(i, r))
+        for key in ([lambda i, p=e.period: i % p] if e.period else []) + (
+                [lambda i, b=e.block: i // b] if e.block else []):
+            first: Dict[int, int] = {}
+            for i, r in zip(e.idxs, e.root_idxs):
+                if r in parent:
+                    j = first.setdefault(key(i), r)
+                    parent[find(r)] = find(j)
+    classes: Dict[int, List[int]] = {}
+    for r in roots:
+        classes.setdefault(find(r), []).append(r)
+    return sorted(classes.values(), key=min)
+
+
+def _assemble(r: _Reading, root_name: str, gid: int, graph: ChannelGraph, merges) -> CoupledGroup:
+    roots = sorted({x for e in r.entries for x in e.root_idxs} - r.pinned)
+    if not roots:
+        raise Refused("no unit of the group is owned by a tensor")
+    ordered = _units(r.entries, roots, merges)
+    unit_of = {x: u for u, cls in enumerate(ordered) for x in cls}
+    if len(ordered) < 2:
+        raise Refused("fewer than two prunable units")
+    items: List[SliceItem] = []
+    for e in r.entries:
+        keep = [k for k, x in enumerate(e.root_idxs) if x in unit_of]
+        if not keep:
+            continue
+        local = torch.tensor([e.idxs[k] for k in keep], dtype=torch.long)
+        units = torch.tensor([unit_of[e.root_idxs[k]] for k in keep], dtype=torch.long)
+        for s in e.slices:
+            pos, index = s.index(local)
+            owner, attr = owner_attr(e.owner, s.attr)
+            items.append(SliceItem(owner, attr, s.dim, units[pos], index, e.module, e.role, local[pos]))
+    return CoupledGroup(graph, gid, root_name, len(ordered), items, r.exact, sorted(set(r.ops)))
+
+
+def owner_attr(owner: str, attr: str) -> Tuple[str, str]:
+    """``("att", "out_proj.weight")`` → ``("att.out_proj", "weight")``."""
+    prefix, _, attr = attr.rpartition(".")
+    if prefix:
+        owner = f"{owner}.{prefix}" if owner else prefix
+    return owner, attr
+
+
+def internal_groups(name: str, m: nn.Module, gid: int, graph: ChannelGraph) -> List[Any]:
+    """Groups wholly inside ``m`` (attention heads), or ``SkippedGroup``s with the handler's reason;
+    the caller renumbers ``id`` as it keeps them."""
+    out: List[Any] = []
+    for spec in get_handler(m).internal_groups(m):
+        if spec.reason:
+            out.append(SkippedGroup(name, f"{spec.label} of {name!r}: {spec.reason}"))
+            continue
+        if spec.size < 2:
+            out.append(SkippedGroup(name, f"{spec.label} of {name!r}: fewer than two prunable units"))
+            continue
+        units = torch.arange(spec.size)
+        items = []
+        for s in spec.slices:
+            pos, index = s.index(units)
+            owner, attr = owner_attr(name, s.attr)
+            items.append(SliceItem(owner, attr, s.dim, units[pos], index, name, spec.label, units[pos]))
+        out.append(CoupledGroup(graph, gid, name, spec.size, items, True, ["attention"]))
+    return out
