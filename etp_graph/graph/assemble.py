@@ -101,7 +101,7 @@ def _read_op(bk: Backend, node, idxs, root_idxs, out: _Reading) -> None:
         out.pinned.update(r for i, r in zip(idxs, root_idxs) if not span[0] <= i < span[1])
 
 
-def _read_layer(bk: Backend, item, ignored: Set[nn.Module], out: _Reading) -> None:
+def _read_layer(bk: Backend, item, ignored: Set[nn.Module], units: str, out: _Reading) -> None:
     """A layer of the group, through its handler."""
     dep, mod = item.dep, item.dep.target.module
     name = bk.dg._module2name.get(mod, type(mod).__name__)
@@ -112,15 +112,15 @@ def _read_layer(bk: Backend, item, ignored: Set[nn.Module], out: _Reading) -> No
     role = "out" if bk.dg.is_out_channel_pruning_fn(dep.handler) else "in"
     if role == "out" and mod in ignored:
         raise Refused(f"it couples the output channels of ignored layer {name!r}")
-    why = handler.unsupported(mod, role)
+    why = handler.unsupported(mod, role, units)
     if why:
         raise Refused(f"{name!r}: {why}")
     out.exact &= handler.exact_when_masked
-    out.entries.append(_Entry(name, name, role, list(item.idxs), list(item.root_idxs), handler.slices(mod, role),
-                              handler.period(mod, role), handler.block(mod, role)))
+    out.entries.append(_Entry(name, name, role, list(item.idxs), list(item.root_idxs), handler.slices(mod, role, units),
+                              handler.period(mod, role, units), handler.block(mod, role, units)))
 
 
-def _read(bk: Backend, tpg, ignored: Set[nn.Module]) -> _Reading:
+def _read(bk: Backend, tpg, ignored: Set[nn.Module], units: str) -> _Reading:
     param_names = {id(p): n for p, n in bk.dg._param_to_name.items()}
     out = _Reading()
     for item in tpg:
@@ -137,15 +137,16 @@ def _read(bk: Backend, tpg, ignored: Set[nn.Module]) -> _Reading:
                 or bk.get(node).refuse or bk.get(node).backend_error:
             _read_op(bk, node, idxs, root_idxs, out)
         else:
-            _read_layer(bk, item, ignored, out)
+            _read_layer(bk, item, ignored, units, out)
     return out
 
 
 def make_group(bk: Backend, tpg, root_name: str, ignored: Set[nn.Module], gid: int, graph: ChannelGraph,
-               merges: Sequence[Tuple[int, int]] = ()) -> CoupledGroup:
+               merges: Sequence[Tuple[int, int]] = (), units: str = "heads") -> CoupledGroup:
     """The :class:`CoupledGroup` of backend group ``tpg`` rooted at ``root_name``; raises
-    :class:`Refused` with the reason when it cannot be pruned exactly."""
-    r = _read(bk, tpg, ignored)
+    :class:`Refused` with the reason when it cannot be pruned exactly. ``units``: the unit kind
+    of head-structured layers (``"heads"`` or ``"head_dims"``), passed to their handlers."""
+    r = _read(bk, tpg, ignored, units)
     products = sorted(set(r.ops) & PRODUCT_OPS)
     if products:
         parent = root_name.rpartition(".")[0]
@@ -218,11 +219,11 @@ def owner_attr(owner: str, attr: str) -> Tuple[str, str]:
     return owner, attr
 
 
-def internal_groups(name: str, m: nn.Module, gid: int, graph: ChannelGraph) -> List[Any]:
+def internal_groups(name: str, m: nn.Module, gid: int, graph: ChannelGraph, units: str = "heads") -> List[Any]:
     """Groups wholly inside ``m`` (attention heads), or ``SkippedGroup``s with the handler's reason;
     the caller renumbers ``id`` as it keeps them."""
     out: List[Any] = []
-    for spec in get_handler(m).internal_groups(m):
+    for spec in get_handler(m).internal_groups(m, units):
         if spec.reason:
             out.append(SkippedGroup(name, f"{spec.label} of {name!r}: {spec.reason}"))
             continue

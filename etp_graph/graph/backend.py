@@ -102,22 +102,27 @@ _BACKEND_MAPS = ("update_concat_index_mapping", "update_expand_index_mapping", "
                  "update_slice_index_mapping", "update_split_index_mapping", "update_unbind_index_mapping")
 
 
+#: the backend's own update functions, by name (the wrappers call these)
+ORIGINAL_MAPS: Dict[str, Any] = {}
+
+
 def _install_tolerant_maps() -> None:
     """Wrap the backend's map updates once; the wrappers only differ inside :meth:`Backend.tolerant`."""
     for name in _BACKEND_MAPS:
         fn = getattr(tp_index_mapping, name)
         if getattr(fn, "_etp_graph_wrapped", False):
             continue
+        ORIGINAL_MAPS[name] = fn
 
-        def update(graph, node, _fn=fn):
-            backend = _TOLERANT.get()
+        def update(graph, node, _name=name):
+            original, backend = ORIGINAL_MAPS[_name], _TOLERANT.get()
             if backend is None:
-                return _fn(graph, node)
+                return original(graph, node)
             try:
-                return _fn(graph, node)
+                return original(graph, node)
             except Exception as e:  # noqa: BLE001 - reported on the groups through this node
                 backend.facts(node).backend_error = (
-                    f"the tracer backend could not map {type(node.module).__name__}: {e}")
+                    f"the tracer backend could not map {type(getattr(node, 'module', node)).__name__}: {e}")
         update._etp_graph_wrapped = True
         setattr(tp_index_mapping, name, update)
 

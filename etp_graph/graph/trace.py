@@ -22,7 +22,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..handlers import get_handler
-from ..handlers.attention import attention_units as attention_units_ctx
+from ..handlers.base import UNIT_KINDS
 from .assemble import Refused, internal_groups, make_group, shared_channel_merges
 from .backend import Backend, build_backend
 from .graph import ChannelGraph, SkippedGroup, layer_graph
@@ -85,13 +85,15 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_example_inputs(example_inputs)
     ignored = _ignored_modules(model, ignored_layers)
+    if attention_units not in UNIT_KINDS:
+        raise ValueError(f"attention_units must be one of {UNIT_KINDS}, got {attention_units!r}")
     bk = Backend(tp.DependencyGraph())
-    with eval_mode(model), bk.tolerant(), attention_units_ctx(attention_units):
+    with eval_mode(model), bk.tolerant():
         _run(model, example_inputs)
         build_backend(model, example_inputs, bk)
         map_indices(bk)
         graph = ChannelGraph(model)
-        _collect(bk, graph, example_inputs, ignored, validate)
+        _collect(bk, graph, example_inputs, ignored, validate, attention_units)
     graph.nodes, graph.edges = layer_graph(bk.dg, _op_label)
     return graph
 
@@ -128,8 +130,9 @@ def _all_units(dg, m) -> Any:
     return dg.get_pruning_group(m, pruner.prune_out_channels, list(range(n)))
 
 
-def _keep_internal(graph: ChannelGraph, name: str, m: nn.Module, example_inputs, validate: bool) -> None:
-    for group in internal_groups(name, m, len(graph.groups), graph):
+def _keep_internal(graph: ChannelGraph, name: str, m: nn.Module, example_inputs, validate: bool,
+                   units: str) -> None:
+    for group in internal_groups(name, m, len(graph.groups), graph, units):
         if isinstance(group, SkippedGroup):
             graph.skipped.append(group)
             continue
@@ -142,7 +145,7 @@ def _keep_internal(graph: ChannelGraph, name: str, m: nn.Module, example_inputs,
 
 
 def _keep_rooted(bk: Backend, graph: ChannelGraph, name: str, m: nn.Module, example_inputs,
-                 ignored: Set[nn.Module], validate: bool, visited: Set[nn.Module]) -> None:
+                 ignored: Set[nn.Module], validate: bool, visited: Set[nn.Module], units: str) -> None:
     """The group rooted at ``m``'s output channels: kept, or skipped with the reason."""
     try:
         tpg = _all_units(bk.dg, m)
@@ -156,7 +159,8 @@ def _keep_rooted(bk: Backend, graph: ChannelGraph, name: str, m: nn.Module, exam
         if bk.dg.is_out_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, nn.Module):
             visited.add(item.dep.target.module)
     try:
-        group = make_group(bk, tpg, name, ignored, len(graph.groups), graph, shared_channel_merges(bk, m, tpg))
+        group = make_group(bk, tpg, name, ignored, len(graph.groups), graph, shared_channel_merges(bk, m, tpg),
+                           units)
     except Refused as r:
         graph.skipped.append(SkippedGroup(name, str(r)))
         return
@@ -175,7 +179,8 @@ def _keep_rooted(bk: Backend, graph: ChannelGraph, name: str, m: nn.Module, exam
     graph.groups.append(group)
 
 
-def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], validate: bool) -> None:
+def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], validate: bool,
+             units: str) -> None:
     """Every group of the model, in the order of ``named_modules()``: a layer's internal groups,
     then the group rooted at its output channels (unless an earlier group already covers them)."""
     model, dg = graph.model, bk.dg
@@ -183,6 +188,6 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
     roots = {id(m) for _, m in _root_modules(model, dg, ignored)}
     for name, m in model.named_modules():
         if m in dg.module2node and m not in ignored and get_handler(m) is not None:
-            _keep_internal(graph, name, m, example_inputs, validate)
+            _keep_internal(graph, name, m, example_inputs, validate, units)
         if id(m) in roots and m not in visited:
-            _keep_rooted(bk, graph, name, m, example_inputs, ignored, validate, visited)
+            _keep_rooted(bk, graph, name, m, example_inputs, ignored, validate, visited, units)

@@ -10,7 +10,7 @@ from .base import LayerHandler, TensorSlice, register_handler
 class PReLUHandler(LayerHandler):
     module_types = (nn.PReLU,)
 
-    def slices(self, m, role):
+    def slices(self, m, role, units: str = "heads"):
         return [TensorSlice("weight", 0)] if m.num_parameters > 1 else []
 
     def refresh(self, m, removed):

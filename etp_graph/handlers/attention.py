@@ -29,8 +29,6 @@ Verification at trace time compares the original forward (masked) with the repla
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -41,27 +39,7 @@ from torch import nn
 
 from .base import InternalGroup, LayerHandler, TensorSlice, register_handler
 
-__all__ = ["attention_units", "current_units", "PrunedMultiheadAttention", "apply_surgery", "UNIT_KINDS"]
-
-UNIT_KINDS = ("heads", "head_dims")
-_UNITS: contextvars.ContextVar = contextvars.ContextVar("etp_attention_units", default="heads")
-
-
-@contextlib.contextmanager
-def attention_units(kind: str):
-    """Within this context, head-structured groups use ``kind`` (``"heads"`` or ``"head_dims"``)."""
-    if kind not in UNIT_KINDS:
-        raise ValueError(f"attention_units must be one of {UNIT_KINDS}, got {kind!r}")
-    token = _UNITS.set(kind)
-    try:
-        yield
-    finally:
-        _UNITS.reset(token)
-
-
-def current_units() -> str:
-    """The unit kind of head-structured groups in the running trace (``"heads"`` by default)."""
-    return _UNITS.get()
+__all__ = ["PrunedMultiheadAttention", "apply_surgery"]
 
 
 def _head_rows(heads: int, dim: int, offset: int, kind: str):
@@ -119,15 +97,15 @@ class _HeadedAttention(LayerHandler):
         tensors = [a for a in list(args[:3]) if isinstance(a, torch.Tensor)]
         m._etp_cross = len({id(t) for t in tensors}) > 1
 
-    def unsupported(self, m, role):
+    def unsupported(self, m, role, units: str = "heads"):
         if role == "in" and getattr(m, "_etp_cross", False):
             return (f"{type(m).__name__} is called with a query different from its key/value (cross "
                     "attention): its input columns belong to two streams, so the embedding width "
                     "is not pruned through it (its heads still are)")
         return None
 
-    def internal_groups(self, m):
-        kind = _UNITS.get()
+    def internal_groups(self, m, units: str = "heads"):
+        kind = units
         lay = self.layout(m)
         slices: List[TensorSlice] = []
         for w, b, off in lay.qkv:
@@ -247,13 +225,13 @@ class MultiheadAttentionHandler(_HeadedAttention):
             return "nn.MultiheadAttention with add_bias_kv/add_zero_attn is not supported"
         return None
 
-    def unsupported(self, m, role):
+    def unsupported(self, m, role, units: str = "heads"):
         if role == "in" and m.in_proj_weight is None:
             return ("nn.MultiheadAttention with kdim/vdim different from embed_dim reads two streams; "
                     "its embedding width is not pruned through it (its heads still are)")
-        return super().unsupported(m, role)
+        return super().unsupported(m, role, units)
 
-    def slices(self, m, role):
+    def slices(self, m, role, units: str = "heads"):
         if role == "in":
             return [TensorSlice("in_proj_weight", 1)]
         out = [TensorSlice("out_proj.weight", 0)]
@@ -317,7 +295,7 @@ class FusedQKVAttentionHandler(_HeadedAttention):
                 return f"{type(m).__name__}.{n} normalises over the head dimension; not supported"
         return None
 
-    def slices(self, m, role):
+    def slices(self, m, role, units: str = "heads"):
         if role == "in":
             return [TensorSlice("qkv.weight", 1)]
         return [TensorSlice("proj.weight", 0)] + ([TensorSlice("proj.bias", 0)] if m.proj.bias is not None else [])
@@ -358,7 +336,7 @@ class BertAttentionHandler(_HeadedAttention):
     def observe(self, m, args, kwargs, output):
         m._etp_cross = kwargs.get("encoder_hidden_states") is not None
 
-    def unsupported(self, m, role):
+    def unsupported(self, m, role, units: str = "heads"):
         if getattr(m, "_etp_cross", False):
             return f"{type(m).__name__} is used as cross attention; its hidden width is not pruned through it"
         return None
@@ -369,7 +347,7 @@ class BertAttentionHandler(_HeadedAttention):
                        tuple((f"self.{n}.weight", f"self.{n}.bias", 0) for n in ("query", "key", "value")),
                        "output.dense.weight")
 
-    def slices(self, m, role):
+    def slices(self, m, role, units: str = "heads"):
         out = [TensorSlice(f"self.{n}.weight", 1) for n in ("query", "key", "value")]
         out += [TensorSlice("output.dense.weight", 0)]
         for n in ("output.dense.bias", "output.LayerNorm.weight", "output.LayerNorm.bias"):
@@ -417,7 +395,7 @@ class ProjectionAttentionHandler(_HeadedAttention):
             return "query and value projections have different widths (d_keys != d_values)"
         return None
 
-    def slices(self, m, role):
+    def slices(self, m, role, units: str = "heads"):
         if role == "in":
             return [TensorSlice(f"{n}.weight", 1) for n in self._NAMES[:3]]
         out = [TensorSlice("out_projection.weight", 0)]

@@ -10,7 +10,8 @@ measuring and removing a unit are driven by one table and can never disagree. It
   which parameters and buffers, along which dimension, which indices each channel owns),
   ``period`` and ``block`` (channels that must go together: a grouped convolution's positions,
   a head's dimensions), ``unsupported`` (a reason it cannot be cut in a role),
-  ``internal_groups`` (units wholly inside the module: attention heads);
+  ``internal_groups`` (units wholly inside the module: attention heads); each takes
+  ``units``, the trace's unit kind of head-structured groups (:data:`UNIT_KINDS`);
 * pruning — ``refresh(module, removed)`` (rewrite ``out_features``, ``groups``, ``hidden_size``
   … after the tensors were cut) and ``restored(module)`` (redo derived state after an atomic
   restore, see :mod:`etp_graph.graph.atomic`).
@@ -30,12 +31,18 @@ __all__ = [
     "get_handler",
     "registered_handlers",
     "unregister_handler",
+    "UNIT_KINDS",
     "InternalGroup",
 ]
 
 
 def _identity(channels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.arange(len(channels)), channels
+
+
+#: The unit kinds of head-structured groups (attention, GAT), passed to the grouping hooks as
+#: ``units``: ``"heads"`` (a whole head) or ``"head_dims"`` (one dimension in every head).
+UNIT_KINDS = ("heads", "head_dims")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +98,13 @@ class LayerHandler:
         """Hide the module's internal ops from the tracer: its outputs depend on its inputs only."""
         return self.backend_lacks
 
-    def slices(self, module: nn.Module, role: str) -> List[TensorSlice]:
+    def slices(self, module: nn.Module, role: str, units: str = "heads") -> List[TensorSlice]:
         raise NotImplementedError
 
-    def period(self, module: nn.Module, role: str) -> Optional[int]:
+    def period(self, module: nn.Module, role: str, units: str = "heads") -> Optional[int]:
         return None
 
-    def block(self, module: nn.Module, role: str) -> Optional[int]:
+    def block(self, module: nn.Module, role: str, units: str = "heads") -> Optional[int]:
         """Channels ``c`` with equal ``c // block`` go together (a head of ``block`` channels)."""
         return None
 
@@ -111,11 +118,11 @@ class LayerHandler:
         """Called after the module's tensors and attributes were put back by an atomic restore:
         rebuild what is derived from them (an RNN's flat weight list)."""
 
-    def unsupported(self, module: nn.Module, role: str) -> Optional[str]:
+    def unsupported(self, module: nn.Module, role: str, units: str = "heads") -> Optional[str]:
         """A reason why this module cannot be cut in this role, or ``None``."""
         return None
 
-    def internal_groups(self, module: nn.Module) -> List[InternalGroup]:
+    def internal_groups(self, module: nn.Module, units: str = "heads") -> List[InternalGroup]:
         """Units wholly inside the module (attention heads); slice ``attr`` may be dotted
         (``"out_proj.weight"``) to reach a submodule's tensor."""
         return []
@@ -165,10 +172,13 @@ def get_handler(module: nn.Module) -> Optional[LayerHandler]:
         h = _REGISTRY.get(t)
         if h is not None:
             return h
-    for h in _PATTERNS:
-        if h.matches(module):
-            return h
-    return None
+    claims = [h for h in _PATTERNS if h.matches(module)]
+    if len(claims) > 1:
+        names = " and ".join(type(h).__name__ for h in claims)
+        raise ValueError(f"{type(module).__name__} matches two structure-registered handlers, {names}; "
+                         f"register a handler for {type(module).__name__} itself (register_handler with "
+                         "module_types) or unregister_handler one of them")
+    return claims[0] if claims else None
 
 
 def registered_handlers() -> Dict[Type[nn.Module], LayerHandler]:

@@ -27,14 +27,14 @@ class ConvHandler(LayerHandler):
         # a circular/reflect/replicate pad is a copy-slice graph the backend never finishes walking
         return m.padding_mode != "zeros"
 
-    def unsupported(self, m, role):
+    def unsupported(self, m, role, units: str = "heads"):
         if m.groups > 1 and not _is_depthwise(m) and m.in_channels == m.groups:
             return (f"{type(m).__name__} with groups == in_channels ({m.groups}) but out_channels "
                     f"{m.out_channels}: a depthwise multiplier ties one input channel to "
                     f"{m.out_channels // m.groups} output channels; not supported")
         return None
 
-    def slices(self, m, role) -> List[TensorSlice]:
+    def slices(self, m, role, units: str = "heads") -> List[TensorSlice]:
         g = m.groups
         bias = [TensorSlice("bias", 0)] if m.bias is not None else []
         if _is_depthwise(m):
@@ -49,7 +49,7 @@ class ConvHandler(LayerHandler):
             return [TensorSlice("weight", in_dim, modulo(m.in_channels // g))]
         return [TensorSlice("weight", in_dim)]
 
-    def period(self, m, role) -> Optional[int]:
+    def period(self, m, role, units: str = "heads") -> Optional[int]:
         if m.groups == 1 or _is_depthwise(m):
             return None
         return (m.out_channels if role == "out" else m.in_channels) // m.groups

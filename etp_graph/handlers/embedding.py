@@ -12,7 +12,7 @@ class EmbeddingHandler(LayerHandler):
     can_root = True
     channel_last = True
 
-    def slices(self, m, role):
+    def slices(self, m, role, units: str = "heads"):
         return [TensorSlice("weight", 1)] if role == "out" else []
 
     def refresh(self, m, removed):

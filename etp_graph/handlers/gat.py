@@ -21,18 +21,20 @@ Pruning rewrites ``heads``/``out_channels``/``in_channels`` and the inner ``Line
 """
 from __future__ import annotations
 
+import sys
 from typing import List, Tuple
 
 import torch
 from torch import nn
 
-from .attention import current_units
 from .base import InternalGroup, LayerHandler, TensorSlice, register_handler
 
 
 def _is_gat(m: nn.Module) -> bool:
-    return any(c.__name__ in ("GATConv", "GATv2Conv") and c.__module__.startswith("torch_geometric")
-               for c in type(m).__mro__)
+    """By type. A GATConv instance means torch_geometric is imported already, so this never
+    imports it (torch_geometric is the optional extra ``etp-graph[pyg]``)."""
+    conv = sys.modules.get("torch_geometric.nn.conv")
+    return conv is not None and isinstance(m, (conv.GATConv, conv.GATv2Conv))
 
 
 def _is_v2(m: nn.Module) -> bool:
@@ -56,7 +58,7 @@ def _every_head(H: int, C: int):
 
 @register_handler
 class GATConvHandler(LayerHandler):
-    module_types = ()          # registered by structure: torch_geometric is imported lazily
+    module_types = ()          # matched by type without importing torch_geometric (see _is_gat)
     can_root = True
     backend_lacks = True       # message passing is a leaf for the tracer
 
@@ -76,17 +78,17 @@ class GATConvHandler(LayerHandler):
             return ["att"]
         return ["att_src", "att_dst"] + (["att_edge"] if m.lin_edge is not None else [])
 
-    def unsupported(self, m, role):
+    def unsupported(self, m, role, units: str = "heads"):
         if role == "in" and not isinstance(m.in_channels, int):
             return (f"a bipartite {type(m).__name__} (in_channels={m.in_channels}) reads two node sets; "
                     "its input width is not pruned")
         return None
 
-    def slices(self, m, role):
+    def slices(self, m, role, units: str = "heads"):
         if role == "in":
             out = [TensorSlice(f"{n}.weight", 1) for n in self._lins(m)]
             return out + ([TensorSlice("res.weight", 1)] if m.res is not None else [])
-        H, C, kind = m.heads, m.out_channels, current_units()
+        H, C, kind = m.heads, m.out_channels, units
         rows = (lambda ch: (torch.arange(len(ch)), ch)) if m.concat else _every_head(H, C)
         if not m.concat:
             kind = "head_dims"    # the outputs are per-head channels already
@@ -100,14 +102,14 @@ class GATConvHandler(LayerHandler):
             out.append(TensorSlice("res.weight", 0))
         return out
 
-    def period(self, m, role):
-        return m.out_channels if role == "out" and m.concat and current_units() == "head_dims" else None
+    def period(self, m, role, units: str = "heads"):
+        return m.out_channels if role == "out" and m.concat and units == "head_dims" else None
 
-    def block(self, m, role):
-        return m.out_channels if role == "out" and m.concat and current_units() == "heads" else None
+    def block(self, m, role, units: str = "heads"):
+        return m.out_channels if role == "out" and m.concat and units == "heads" else None
 
-    def internal_groups(self, m):
-        if m.concat or current_units() != "heads":
+    def internal_groups(self, m, units: str = "heads"):
+        if m.concat or units != "heads":
             return []
         return [InternalGroup("heads", m.heads, (), f"{type(m).__name__}(concat=False) averages its heads: "
                                                     "removing one rescales the mean, so it cannot equal masking")]

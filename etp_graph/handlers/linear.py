@@ -12,7 +12,7 @@ class LinearHandler(LayerHandler):
     can_root = True
     channel_last = True
 
-    def slices(self, m, role):
+    def slices(self, m, role, units: str = "heads"):
         if role == "out":
             return [TensorSlice("weight", 0)] + ([TensorSlice("bias", 0)] if m.bias is not None else [])
         return [TensorSlice("weight", 1)]

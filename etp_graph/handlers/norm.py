@@ -19,7 +19,7 @@ def _affine(m, *names):
 class BatchNormHandler(LayerHandler):
     module_types = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
-    def slices(self, m, role):
+    def slices(self, m, role, units: str = "heads"):
         return _affine(m, "weight", "bias", "running_mean", "running_var")
 
     def refresh(self, m, removed):
@@ -35,7 +35,7 @@ class LayerNormHandler(LayerHandler):
     exact_when_masked = False
     channel_last = True
 
-    def slices(self, m, role):
+    def slices(self, m, role, units: str = "heads"):
         if getattr(m, "weight", None) is None:
             return []
         last = m.weight.dim() - 1
@@ -55,10 +55,10 @@ class GroupNormHandler(LayerHandler):
     module_types = (nn.GroupNorm,)
     exact_when_masked = False
 
-    def slices(self, m, role):
+    def slices(self, m, role, units: str = "heads"):
         return _affine(m, "weight", "bias")
 
-    def period(self, m, role):
+    def period(self, m, role, units: str = "heads"):
         return m.num_channels // m.num_groups if m.num_groups > 1 else None
 
     def refresh(self, m, removed):

@@ -48,12 +48,12 @@ class RNNHandler(LayerHandler):
     def _suffixes(m) -> List[str]:
         return ["", "_reverse"] if m.bidirectional else [""]
 
-    def unsupported(self, m, role):
+    def unsupported(self, m, role, units: str = "heads"):
         if getattr(m, "proj_size", 0) > 0:
             return f"{type(m).__name__} with proj_size={m.proj_size}: projected LSTMs are not supported"
         return None
 
-    def slices(self, m, role) -> List[TensorSlice]:
+    def slices(self, m, role, units: str = "heads") -> List[TensorSlice]:
         sfx = self._suffixes(m)
         if role == "in":
             return [TensorSlice(f"weight_ih_l0{s}", 1) for s in sfx]
@@ -72,7 +72,7 @@ class RNNHandler(LayerHandler):
                     out += [TensorSlice(f"weight_ih_l{layer + 1}{s}", 1)]
         return out
 
-    def period(self, m, role):
+    def period(self, m, role, units: str = "heads"):
         return m.hidden_size if (role == "out" and m.bidirectional) else None
 
     def refresh(self, m, removed):

@@ -1,0 +1,32 @@
+"""Small models shared by the tests of etp_graph.graph."""
+import torch
+from torch import nn
+
+
+def chain():
+    """conv → BN → ReLU → conv → ReLU → flatten → Linear head, on 8×8 inputs (``X8``)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5)).eval()
+
+
+def small():
+    """conv → BN → ReLU → 1×1 conv, on 6×6 inputs (``X6``)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+
+
+X8 = torch.randn(2, 3, 8, 8)
+X6 = torch.randn(1, 3, 6, 6)
+
+
+def snapshot(m, x=X6):
+    return {k: v.clone() for k, v in m.state_dict().items()}, m(x).detach()
+
+
+def assert_unchanged(m, snap, x=X6):
+    state, out = snap
+    now = m.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k], state[k]) for k in state)
+    assert torch.equal(m(x), out)

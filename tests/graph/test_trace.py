@@ -1,0 +1,106 @@
+"""trace(): groups, their order, inputs, ignored layers, refusals, errors, training mode."""
+import copy
+
+import networkx as nx
+import pytest
+import torch
+from torch import nn
+
+import etp_graph as eg
+from graph_models import X6, X8, assert_unchanged, chain, small, snapshot
+
+
+def test_groups_roots_sizes_and_order():
+    m = chain()
+    g = eg.trace(m, X8, ignored_layers=[m[6]])
+    assert [(x.root, x.size) for x in g.groups] == [("0", 8), ("3", 6)]
+    m2 = copy.deepcopy(m)
+    g2 = eg.trace(m2, X8, ignored_layers=[m2[6]])
+    assert [x.root for x in g2.groups] == [x.root for x in g.groups]
+    assert g.groups[0].modules == ["0", "1", "3"]
+
+
+def test_to_networkx():
+    m = chain()
+    g = eg.trace(m, X8, ignored_layers=[m[6]])
+    G = g.to_networkx()
+    assert isinstance(G, nx.DiGraph)
+    assert G.nodes["0"]["groups"] == [0] and G.nodes["3"]["groups"] == [0, 1]
+    assert G.has_edge("0", "1") and nx.is_directed_acyclic_graph(G)
+
+
+def test_dict_and_tuple_inputs():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(4, 6), nn.Linear(3, 6), nn.Linear(6, 2)
+
+        def forward(self, x, y):
+            return self.head(torch.relu(self.a(x) + self.b(y)))
+
+    m = Two()
+    x, y = torch.randn(2, 4), torch.randn(2, 3)
+    for inputs in ((x, y), {"x": x, "y": y}):
+        g = eg.trace(m, inputs, ignored_layers=[m.head])
+        assert [(gr.root, gr.size) for gr in g.groups] == [("a", 6)]
+        assert set(g.groups[0].modules) == {"a", "b", "head"}
+
+
+def test_ignored_layer_outputs_are_never_pruned():
+    m = chain()
+    g = eg.trace(m, X8, ignored_layers=[m[3], m[6]])
+    assert [x.root for x in g.groups] == ["0"]
+    assert "3" in g.groups[0].modules  # its input columns still belong to the group
+
+
+def test_output_channels_of_model_are_refused():
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    g = eg.trace(m, X8)
+    assert [x.root for x in g.groups] == ["0"]
+    assert g.skipped[0].root == "2" and "model output" in g.skipped[0].reason
+
+
+def test_ignored_layer_not_in_small():
+    m = small()
+    with pytest.raises(ValueError, match="not a submodule"):
+        eg.trace(m, X6, ignored_layers=[nn.Linear(2, 2)])
+    with pytest.raises(TypeError, match="nn.Module"):
+        eg.trace(m, X6, ignored_layers=["3"])
+
+
+def test_inputs_the_model_cannot_run():
+    m = small()
+    snap = snapshot(m)
+    with pytest.raises(ValueError, match="cannot run on example_inputs"):
+        eg.trace(m, torch.randn(1, 5, 6, 6))
+    with pytest.raises(TypeError, match="example_inputs must be"):
+        eg.trace(m, 3)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        eg.trace(lambda x: x, X6)
+    assert_unchanged(m, snap)
+    assert not m.training
+
+
+def test_trace_restores_training_mode_and_weights():
+    m = small().train()
+    state = copy.deepcopy(m.state_dict())
+    eg.trace(m, X6, ignored_layers=[m[3]])
+    assert m.training
+    assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+
+
+def test_unknown_layer_named_in_skip_reason():
+    class Mystery(nn.Module):  # a channel-mixing op the backend treats as a leaf it cannot cut
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            return torch.einsum("bchw,cd->bdhw", x, self.w)
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), Mystery(), nn.Conv2d(4, 2, 1))
+    g = eg.trace(m, X6, ignored_layers=[m[2]])
+    assert all(s.reason for s in g.skipped)
+    # whatever is returned must be exact
+    from etp_graph.testing import assert_prune_equivalent
+    assert_prune_equivalent(m, X6, ignored_layers=[m[2]])
