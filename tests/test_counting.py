@@ -43,3 +43,13 @@ def test_latency_report():
     assert 0 < r["min_ms"] <= r["median_ms"] and r["iqr_ms"] >= 0
     with pytest.raises(ValueError, match="repeat"):
         eg.measure_latency(nn.Linear(2, 2), torch.randn(1, 2), repeat=0)
+
+
+def test_free_ops_hold_only_what_fvcore_neither_counts_nor_ignores():
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_analysis import _IGNORED_OPS
+    from etp_graph.counting import FREE_OPS, MAC_HANDLES
+    counted = FlopCountAnalysis(nn.Linear(2, 2), (torch.randn(1, 2),))._op_handles
+    assert not set(FREE_OPS) & set(counted), "fvcore counts these: a FREE_OPS entry would be dead"
+    assert not set(FREE_OPS) & set(_IGNORED_OPS), "fvcore ignores these already"
+    assert list(FREE_OPS) == sorted(set(FREE_OPS)) and not set(FREE_OPS) & set(MAC_HANDLES)
