@@ -1,17 +1,13 @@
-"""The ``etp-graph`` command: ``inspect`` a zoo model's groups, ``demo`` the engine end to end."""
+"""The ``etp-graph`` command: ``inspect`` a zoo model's groups; ``demo`` runs ``benchmarks.demo``
+(the engine end to end, from a checkout)."""
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
 
-import torch
-
 from . import zoo
-from .counting import count_macs, count_params, measure_latency
 from .graph import trace
-from .testing import assert_prune_equivalent
 
 
 def _inspect(args) -> int:
@@ -22,76 +18,14 @@ def _inspect(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
-    """Pretrained ResNet-56 on CIFAR-10 (JPEG): ETP fine-tune → prune to a MACs target → fine-tune."""
-    from .datasets import load_cifar, normalize
-    from .pruner import ETPPruner
-    from .torque import ETPConfig
-    from .train import evaluate, train_steps
-
-    torch.manual_seed(0)
-    t_start = time.perf_counter()
-    e = zoo.entry("resnet56_cifar")
-    model = e.build(pretrained=True)
-    x = e.example_inputs()
-    heads = e.heads(model)
-    train_x, train_y = load_cifar(args.data, "train")
-    test_x, test_y = load_cifar(args.data, "test", limit=args.test_images)
-    print(f"data: {len(train_y):,} train / {len(test_y):,} test CIFAR-10 images (JPEG) "
-          f"in {time.perf_counter() - t_start:.0f}s; {torch.get_num_threads()} threads")
-
-    acc = {"dense (pretrained)": evaluate(model, test_x, test_y, desc="eval dense")}
-    print(f"dense accuracy: {acc['dense (pretrained)']:.2f}%")
-
-    config = ETPConfig(beta=args.beta, c=args.c, pivot=0, profile="exp", norm="l2", order=args.order)
-    pruner = ETPPruner(model, x, ignored_layers=heads, config=config, target_speedup=args.speedup,
-                         max_pruning_ratio=args.max_ratio)
-    print(f"traced: {len(pruner.graph.groups)} coupled groups, {len(pruner.graph.skipped)} skipped; "
-          f"ETP penalty at start {float(pruner.penalty()):.4f}")
-    checks = assert_prune_equivalent(model, x, ignored_layers=heads)
-    print(f"mask-then-prune equivalence: {len(checks)} checks passed")
-
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=0 if args.beta else 1e-4)
-    loss = train_steps(model, train_x, train_y, args.etp_steps, opt, pruner=pruner,
-                       batch_size=args.batch_size, seed=1, desc="ETP fine-tune")
-    acc["dense after ETP training"] = evaluate(model, test_x, test_y, desc="eval ETP-trained")
-    print(f"ETP fine-tune: {args.etp_steps} steps, last task loss {loss:.3f}, penalty "
-          f"{float(pruner.penalty()):.4f}, accuracy {acc['dense after ETP training']:.2f}%")
-
-    batch = normalize(test_x[:args.batch_size])      # latency also at a realistic batch
-    lat_batch = [measure_latency(model, batch, warmup=2, repeat=10)["median_ms"]]
-    report = pruner.step(measure_latency=True, latency_repeat=20)
-    lat_batch.append(measure_latency(model, batch, warmup=2, repeat=10)["median_ms"])
-    acc["pruned, before fine-tune"] = evaluate(model, test_x, test_y, desc="eval pruned")
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.finetune_steps, 1))
-    train_steps(model, train_x, train_y, args.finetune_steps, opt, batch_size=args.batch_size, seed=2,
-                scheduler=sched, desc="fine-tune pruned")
-    acc["pruned, after fine-tune"] = evaluate(model, test_x, test_y, desc="eval final")
-
-    print()
-    print(report)
-    print(f"latency, batch of {len(batch)} test images (median of 10): {lat_batch[0]:.1f} -> "
-          f"{lat_batch[1]:.1f} ms ({lat_batch[0] / lat_batch[1]:.2f}x)")
-    print(f"\naccuracy on the same {len(test_y):,} test images:")
-    for k, v in acc.items():
-        print(f"  {k:28}{v:6.2f}%")
-    drop = acc["dense (pretrained)"] - acc["pruned, after fine-tune"]
-    print(f"  {'change vs dense':28}{-drop:+6.2f} pt at {report.speedup:.2f}x fewer MACs")
-    total = time.perf_counter() - t_start
-    print(f"\ntotal {total:.0f}s (ETP {args.etp_steps} steps, fine-tune "
-          f"{args.finetune_steps} steps, batch {args.batch_size}, beta {args.beta}, c {args.c})")
-    if args.json:
-        import dataclasses
-        import json
-        out = {"config": {**vars(args), "etp": dataclasses.asdict(config), "threads": torch.get_num_threads()},
-               "accuracy": acc, "test_images": len(test_y), "seconds": round(total, 1),
-               **report.as_dict(), "latency_ms_batch": [len(batch)] + lat_batch}
-        out["config"].pop("func", None)
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
-        print(f"results and resolved configuration written to {args.json}")
-    return 0
+def _demo(argv) -> int:
+    try:
+        from benchmarks.demo import main as demo_main
+    except ImportError:
+        print("etp-graph demo: the demo lives in the repository's benchmarks/ folder; run `make demo` "
+              "in a checkout of etp_graph", file=sys.stderr)
+        return 2
+    return demo_main(argv)
 
 
 def main(argv=None) -> int:
@@ -99,23 +33,14 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("inspect", help="print the coupled groups of a zoo model")
     i.add_argument("model", choices=zoo.list_models())
-    d = sub.add_parser("demo", help="ETP fine-tune, prune and fine-tune the pretrained ResNet-56 on CIFAR-10")
-    d.add_argument("--speedup", type=float, default=2.0, help="MACs speed-up target")
-    d.add_argument("--etp-steps", type=int, default=200, help="ETP fine-tuning steps before pruning")
-    d.add_argument("--finetune-steps", type=int, default=200, help="fine-tuning steps after pruning")
-    d.add_argument("--beta", type=float, default=0.1, help="ETP strength")
-    d.add_argument("--max-ratio", type=float, default=None, help="remove at most this fraction of a group's units")
-    d.add_argument("--c", type=float, default=5.0, help="ETP exponent")
-    d.add_argument("--order", choices=("index", "norm"), default="norm",
-                   help="place units along the ETP profile by index (public code) or by pretrained norm")
-    d.add_argument("--lr", type=float, default=0.01)
-    d.add_argument("--batch-size", type=int, default=128)
-    d.add_argument("--test-images", type=int, default=None, help="evaluate on a random subset")
-    d.add_argument("--data", default=None, help="data folder (default ../shared/data or $ETP_GRAPH_DATA)")
-    d.add_argument("--json", default=None, help="also write the results and the resolved configuration here")
+    sub.add_parser("demo", add_help=False,
+                   help="ETP fine-tune, prune and fine-tune the pretrained ResNet-56 on CIFAR-10 (make demo)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:             # its options are the demo's own (python -m benchmarks.demo)
+        return _demo(argv[1:])
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
-    return {"inspect": _inspect, "demo": _demo}[args.cmd](args)
+    return {"inspect": _inspect}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import etp_graph as eg
-from etp_graph.datasets import ETT_HORIZONS, load_ett
+from benchmarks.data import ETT_HORIZONS, load_ett
 from etp_graph.zoo.informer import ProbAttention, informer_inputs
 
 

@@ -170,26 +170,6 @@ def test_count_macs_accepts_keyword_inputs():
     assert eg.count_macs(KW(), {"y": torch.randn(5, 2), "x": torch.randn(5, 4)}) == 5 * (4 * 3 + 2 * 3)
 
 
-def test_save_and_load_pruned(tmp_path):
-    torch.manual_seed(0)
-    net = VGGish().eval()
-    eg.ETPPruner(net, X, ignored_layers=[net.fc], target_speedup=2.0).step()
-    path = tmp_path / "pruned.pt"
-    eg.save_pruned(net, path)
-    fresh = eg.load_pruned(VGGish, path).eval()
-    assert fresh.c2.out_channels == net.c2.out_channels < 32
-    assert torch.equal(fresh(X), net(X))
-    other = VGGish(w=8)
-    with pytest.raises(ValueError, match="not an etp_graph"):
-        torch.save({"x": 1}, tmp_path / "bad.pt")
-        eg.load_pruned(other, tmp_path / "bad.pt")
-    unrelated = nn.Sequential(nn.Linear(3, 3))
-    state = _state(unrelated)
-    with pytest.raises(ValueError, match="lacks"):
-        eg.load_pruned(unrelated, path)
-    _same(unrelated, state)
-
-
 # ----------------------------------------------------------------------------- path / round_to
 def _kept_sets(pruner, plan):
     return {g.root: set(plan.kept(g)) for g in pruner.graph.groups}

@@ -4,7 +4,7 @@
 weight decay 5e-4. The dense start and every fine-tune keep their best-validation epoch (the
 paper's model selection); the regularisation phase keeps its last epoch, so what is pruned is
 what the regulariser made. Metric: accuracy on the public test split (1,000 nodes). Units: heads.
-PPI (micro-F1) is not available offline here; ``etp_graph.datasets.load_ppi`` reads it for users
+PPI (micro-F1) is not available offline here; ``benchmarks.data.load_ppi`` reads it for users
 who have it.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from etp_graph.datasets import load_planetoid
+from benchmarks.data import load_planetoid
 from etp_graph.zoo.gat import GAT
 
 from .base import Budget, Metric, Task, sgd_step

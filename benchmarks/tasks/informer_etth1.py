@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from etp_graph.datasets import load_ett
+from benchmarks.data import load_ett
 from etp_graph.zoo.informer import Informer
 
 from .base import Budget, Metric, Task, sgd_step

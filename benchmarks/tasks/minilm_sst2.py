@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from etp_graph.datasets import load_sst2
+from benchmarks.data import load_sst2
 from etp_graph.zoo.bert import load_tokenizer, minilm_sst2
 
 from .base import Budget, Metric, Task, sgd_step

@@ -11,9 +11,9 @@ from typing import Dict
 import torch
 
 from etp_graph import zoo
-from etp_graph.datasets import load_cifar, normalize
-from etp_graph.train import evaluate as top1
-from etp_graph.train import train_steps
+from benchmarks.data import load_cifar, normalize
+from benchmarks.training import evaluate as top1
+from benchmarks.training import train_steps
 
 from .base import Budget, Metric, Task
 

@@ -63,7 +63,7 @@ class VGG19(CifarTask):
             self.lr = 0.01
 
     def evaluate(self, model):
-        from etp_graph.train import evaluate as top1
+        from benchmarks.training import evaluate as top1
         n = self.eval_images.get(self.budget_name, len(self.test_x))
         return {"top1": top1(model, self.test_x[:n], self.test_y[:n])}
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..extras import require
+
 import torch
 from torch import nn
 
@@ -33,10 +35,7 @@ def minilm_dir() -> Path:
 def _transformers():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        import transformers
-    except ImportError as e:
-        raise ImportError("BERT models need `transformers` (pip install transformers)") from e
+    transformers = require("transformers", "the BERT-family zoo models")
     transformers.logging.set_verbosity_error()
     return transformers
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..extras import require
 from .registry import register_model
 
 __all__ = ["GAT", "random_graph"]
@@ -33,7 +34,7 @@ class GAT(nn.Module):
     def __init__(self, in_channels: int, hidden: int, out_channels: int, heads: Sequence[int] = (8, 1),
                  residual: bool = False, dropout: float = 0.6, activation: str = "elu"):
         super().__init__()
-        from torch_geometric.nn import GATConv
+        GATConv = require("torch_geometric.nn", "the GAT zoo models").GATConv
         self.dropout, self.activation = dropout, activation
         layers, width = [], in_channels
         for i, h in enumerate(heads):

@@ -76,11 +76,17 @@ class ResNetCifar(nn.Module):
 
 
 def default_weights_dir() -> Path:
-    """``$ETP_GRAPH_WEIGHTS`` or ``../shared/data/cifar10_resnet_pretrained`` beside the checkout."""
+    """``$ETP_GRAPH_WEIGHTS``, else ``$ETP_GRAPH_DATA/cifar10_resnet_pretrained``; or pass
+    ``weights=`` to :func:`load_pretrained`."""
     env = os.environ.get("ETP_GRAPH_WEIGHTS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10_resnet_pretrained"
+    data = os.environ.get("ETP_GRAPH_DATA")
+    if data:
+        return Path(data) / "cifar10_resnet_pretrained"
+    raise FileNotFoundError("no pretrained CIFAR ResNet folder: set ETP_GRAPH_WEIGHTS to the folder of "
+                            "akamaster's resnet*-*.th files (or ETP_GRAPH_DATA to a folder holding "
+                            "cifar10_resnet_pretrained/), or pass weights=PATH")
 
 
 def load_pretrained(model: ResNetCifar, depth: int, weights: Optional[Union[str, Path]] = None) -> ResNetCifar:

@@ -90,7 +90,7 @@ def test_zoo_gat_heads_penalised_with_pivot_order():
 
 
 def test_planetoid_loader_reads_the_shared_cora_and_ppi_fails_clearly(tmp_path, monkeypatch):
-    from etp_graph.datasets import load_planetoid, load_ppi
+    from benchmarks.data import load_planetoid, load_ppi
     monkeypatch.setenv("ETP_GRAPH_CACHE", str(tmp_path))
     data = load_planetoid("Cora")
     assert tuple(data.x.shape) == (2708, 1433) and int(data.train_mask.sum()) == 140

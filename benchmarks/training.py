@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .datasets import augment, batches, normalize
+from .data import augment, batches, normalize
 
 __all__ = ["evaluate", "train_steps"]
 

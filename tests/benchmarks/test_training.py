@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import etp_graph as eg
-from etp_graph.datasets import load_cifar
-from etp_graph.train import evaluate, train_steps
+from benchmarks.data import load_cifar
+from benchmarks.training import evaluate, train_steps
 
 try:
     TRAIN = load_cifar(split="train", limit=20000)

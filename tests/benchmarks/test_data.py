@@ -1,7 +1,7 @@
 """Text loader: GLUE SST-2 from the shared TSVs, clear errors otherwise."""
 import pytest
 
-from etp_graph.datasets import load_sst2
+from benchmarks.data import load_sst2
 
 
 def test_sst2_reads_glue_tsv_with_quotes_kept_verbatim():
@@ -29,3 +29,14 @@ def test_sst2_errors_name_the_problem(tmp_path):
     (tmp_path / "dev.tsv").write_text("sentence\tlabel\nfine\t1\nbroken line\n")
     with pytest.raises(ValueError, match="dev.tsv:3"):
         load_sst2("dev", root=tmp_path)
+
+
+def test_no_data_folder_is_a_clear_error(monkeypatch):
+    from benchmarks.data import load_cifar
+    from etp_graph.zoo.resnet_cifar import default_weights_dir
+    monkeypatch.delenv("ETP_GRAPH_DATA", raising=False)
+    monkeypatch.delenv("ETP_GRAPH_WEIGHTS", raising=False)
+    with pytest.raises(FileNotFoundError, match="set ETP_GRAPH_DATA"):
+        load_cifar(None, "test")
+    with pytest.raises(FileNotFoundError, match="set ETP_GRAPH_WEIGHTS"):
+        default_weights_dir()

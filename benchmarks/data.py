@@ -30,11 +30,14 @@ CIFAR_STD = (0.229, 0.224, 0.225)
 
 
 def default_data_dir() -> Path:
-    """``$ETP_GRAPH_DATA`` or ``../shared/data`` beside the repository checkout."""
+    """``$ETP_GRAPH_DATA`` (``make`` sets it to ``../shared/data`` beside the checkout); every
+    loader also takes its folder as an argument."""
     env = os.environ.get("ETP_GRAPH_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not env:
+        raise FileNotFoundError("no data folder: set ETP_GRAPH_DATA to the folder holding the data sets "
+                                "(in this project's checkout, ../shared/data; `make` sets it) or pass "
+                                "the loader's root= / the runner's --option data=PATH")
+    return Path(env)
 
 
 def _decode_jpegs(names: List[str], read) -> np.ndarray:
