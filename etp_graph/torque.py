@@ -26,6 +26,7 @@ the per-unit multiplier of ``s_g[i]``; ETP and Torque differ only in their :meth
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -93,12 +94,12 @@ class ETPConfig:
         return n // 2 if self.pivot == "center" else min(int(self.pivot), n - 1)
 
 
-class Regularizer:
+class Regularizer(abc.ABC):
     """Base class: the penalty ``R = Σ_g Σ_i coef_g[i] · s_g[i]`` over coupled groups.
 
     Subclasses set ``profile`` (the :attr:`ETPConfig.profile` they implement, checked against the
-    config) and override one hook: :meth:`weights` (a profile ``w``, with
-    ``coef = beta · w(place_i) / N``) or, for a data-dependent rule, :meth:`coefficients`.
+    config) and implement the one hook :meth:`coefficients`; a weight profile implements
+    :meth:`ProfileRegularizer.weights` instead (``coef = beta · w(place_i) / N``).
 
     Args:
         groups: the :class:`CoupledGroup` list of :func:`etp_graph.trace` (``graph.groups``).
@@ -122,9 +123,9 @@ class Regularizer:
         self._places: List[torch.Tensor] = [self._rank(g) for g in self.groups]
 
     # ---------------------------------------------------------------------------------- hook
-    def weights(self, n: int, pivot: int) -> torch.Tensor:
-        """``Tensor[n]``: the weight of each unit of a group with ``n`` units and this pivot."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def coefficients(self, group: CoupledGroup) -> torch.Tensor:
+        """``Tensor[size]``, constant (no gradient): the multiplier of each unit's ``s[i]`` in ``R``."""
 
     # ------------------------------------------------------------------------------ ordering
     @torch.no_grad()
@@ -151,16 +152,6 @@ class Regularizer:
         return self._places[k]
 
     # ------------------------------------------------------------------------------ penalty
-    def group_weights(self, group: CoupledGroup) -> torch.Tensor:
-        """``Tensor[size]``: the weight of each unit of ``group`` (profile at the unit's place)."""
-        n = group.size
-        return self.weights(n, self.config.pivot_of(n))[self.places(group)]
-
-    def coefficients(self, group: CoupledGroup) -> torch.Tensor:
-        """``Tensor[size]``, constant (no gradient): the multiplier of each unit's ``s[i]`` in
-        ``R``; ``beta · w(place_i) / N`` for a weight profile."""
-        return self.group_weights(group) * (self.config.beta / group.size)
-
     def penalty(self) -> torch.Tensor:
         """The penalty ``R`` as a differentiable scalar: add it to the task loss."""
         total = None
@@ -264,7 +255,24 @@ def _distance(n: int, pivot: int) -> torch.Tensor:
     return (torch.arange(n, dtype=torch.float32) - pivot).abs() / n
 
 
-class ETP(Regularizer):
+class ProfileRegularizer(Regularizer):
+    """A regulariser given by a weight profile ``w`` over the units' places:
+    ``coef_g[i] = beta · w(place_i) / N_g``."""
+
+    @abc.abstractmethod
+    def weights(self, n: int, pivot: int) -> torch.Tensor:
+        """``Tensor[n]``: the weight of each place of a group with ``n`` units and this pivot."""
+
+    def group_weights(self, group: CoupledGroup) -> torch.Tensor:
+        """``Tensor[size]``: the weight of each unit of ``group`` (profile at the unit's place)."""
+        n = group.size
+        return self.weights(n, self.config.pivot_of(n))[self.places(group)]
+
+    def coefficients(self, group: CoupledGroup) -> torch.Tensor:
+        return self.group_weights(group) * (self.config.beta / group.size)
+
+
+class ETP(ProfileRegularizer):
     """Exponential Torque: ``w(i) = exp(c·|i − p|/N)``."""
 
     profile = "exp"
@@ -273,7 +281,7 @@ class ETP(Regularizer):
         return torch.exp(self.config.c * _distance(n, pivot))
 
 
-class Torque(Regularizer):
+class Torque(ProfileRegularizer):
     """Torque (linear) baseline: ``w(i) = |i − p|/N``."""
 
     profile = "linear"

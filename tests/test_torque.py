@@ -266,3 +266,10 @@ def test_group_sl_closed_form_and_config_checks():
         eg.ETPConfig(beta=1.0, profile="group-sl", norm="l1")
     with pytest.raises(ValueError, match="make_regularizer"):
         eg.ETP(graph.groups, eg.ETPConfig(beta=1.0, profile="linear"))
+
+
+def test_the_regulariser_hooks_are_abstract():
+    with pytest.raises(TypeError, match="abstract method coefficients"):
+        eg.Regularizer([], eg.ETPConfig(beta=1.0))
+    with pytest.raises(TypeError, match="abstract method weights"):
+        eg.torque.ProfileRegularizer([], eg.ETPConfig(beta=1.0))
