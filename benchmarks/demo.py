@@ -6,6 +6,8 @@ target → fine-tune, with the report (MACs, params, latency, accuracy at every 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
 import warnings
@@ -22,7 +24,6 @@ from .training import evaluate, train_steps
 
 def run(args) -> int:
     """Pretrained ResNet-56 on CIFAR-10 (JPEG): ETP fine-tune → prune to a MACs target → fine-tune."""
-
     torch.manual_seed(0)
     t_start = time.perf_counter()
     e = zoo.entry("resnet56_cifar")
@@ -63,29 +64,30 @@ def run(args) -> int:
                 scheduler=sched, desc="fine-tune pruned")
     acc["pruned, after fine-tune"] = evaluate(model, test_x, test_y, desc="eval final")
 
-    print()
-    print(report)
-    print(f"latency, batch of {len(batch)} test images (median of 10): {lat_batch[0]:.1f} -> "
-          f"{lat_batch[1]:.1f} ms ({lat_batch[0] / lat_batch[1]:.2f}x)")
-    print(f"\naccuracy on the same {len(test_y):,} test images:")
-    for k, v in acc.items():
-        print(f"  {k:28}{v:6.2f}%")
-    drop = acc["dense (pretrained)"] - acc["pruned, after fine-tune"]
-    print(f"  {'change vs dense':28}{-drop:+6.2f} pt at {report.speedup:.2f}x fewer MACs")
     total = time.perf_counter() - t_start
-    print(f"\ntotal {total:.0f}s (ETP {args.etp_steps} steps, fine-tune "
-          f"{args.finetune_steps} steps, batch {args.batch_size}, beta {args.beta}, c {args.c})")
+    _print_report(args, report, acc, batch, lat_batch, len(test_y), total)
     if args.json:
-        import dataclasses
-        import json
         out = {"config": {**vars(args), "etp": dataclasses.asdict(config), "threads": torch.get_num_threads()},
                "accuracy": acc, "test_images": len(test_y), "seconds": round(total, 1),
                **report.as_dict(), "latency_ms_batch": [len(batch)] + lat_batch}
-        out["config"].pop("func", None)
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)
         print(f"results and resolved configuration written to {args.json}")
     return 0
+
+
+def _print_report(args, report, acc, batch, lat_batch, n_test, total) -> None:
+    print()
+    print(report)
+    print(f"latency, batch of {len(batch)} test images (median of 10): {lat_batch[0]:.1f} -> "
+          f"{lat_batch[1]:.1f} ms ({lat_batch[0] / lat_batch[1]:.2f}x)")
+    print(f"\naccuracy on the same {n_test:,} test images:")
+    for k, v in acc.items():
+        print(f"  {k:28}{v:6.2f}%")
+    drop = acc["dense (pretrained)"] - acc["pruned, after fine-tune"]
+    print(f"  {'change vs dense':28}{-drop:+6.2f} pt at {report.speedup:.2f}x fewer MACs")
+    print(f"\ntotal {total:.0f}s (ETP {args.etp_steps} steps, fine-tune "
+          f"{args.finetune_steps} steps, batch {args.batch_size}, beta {args.beta}, c {args.c})")
 
 
 def main(argv=None) -> int:

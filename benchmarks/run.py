@@ -30,6 +30,7 @@ import etp_graph as eg
 
 from . import methods as methods_mod
 from .tasks import TASKS, get_task
+from .phases import Clock, finetune_cut
 from .tasks.base import RegHook, Task
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,22 +61,6 @@ def cell_path(out: Path, task: str, budget: str, method: str, seed: int, round_t
     return out / task / budget / f"{method}-s{seed}{tags}.json"
 
 
-class _Clock:
-    def __init__(self):
-        self.wall: Dict[str, float] = {}
-
-    def __call__(self, phase: str):
-        clock = self
-
-        class _Span:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock.wall[phase] = round(clock.wall.get(phase, 0.0) + time.perf_counter() - self.t0, 2)
-        return _Span()
-
-
 def _reachable(pruner: eg.ETPPruner, speedups: List[float]) -> List[float]:
     best = pruner.max_speedup()
     kept = [s for s in speedups if s <= best]
@@ -86,7 +71,7 @@ def _reachable(pruner: eg.ETPPruner, speedups: List[float]) -> List[float]:
 
 
 def _regularised(task: Task, method: methods_mod.Method, seed: int, speedup: float,
-                 round_to: Optional[int], clock: _Clock):
+                 round_to: Optional[int], clock: Clock):
     """The dense start of ``seed`` trained through the method's regularisation phase, and its pruner."""
     with clock("dense"):
         model = task.dense(seed)
@@ -102,24 +87,11 @@ def _regularised(task: Task, method: methods_mod.Method, seed: int, speedup: flo
     return model, pruner, config, dense
 
 
-def _cut(task: Task, small, report: Dict[str, Any], target: float, lat_dense, lat_inputs, seed: int,
-         latency_repeat: int, clock: _Clock) -> Dict[str, Any]:
-    """Measure a pruned copy, fine-tune it, measure it again."""
-    pruned = task.evaluate(small)
-    with clock("latency"):
-        lat = eg.measure_latency(small, lat_inputs, warmup=2, repeat=latency_repeat)
-    with clock(f"finetune {target:g}x"):
-        task.train(small, task.budget.finetune, seed=200 + seed, phase="finetune")
-    return {"target": target, **report, "latency_ms": [lat_dense["median_ms"], lat["median_ms"]],
-            "latency_iqr_ms": [lat_dense["iqr_ms"], lat["iqr_ms"]],
-            "pruned": pruned, "finetuned": task.evaluate(small)}
-
-
 def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[float],
              round_to: Optional[int], latency_repeat: int, separate: bool = False) -> Dict[str, Any]:
     """One cell. ``separate``: a fresh regularised training per target instead of one for all
     (to compare with the nested family from one training)."""
-    clock = _Clock()
+    clock = Clock()
     model, pruner, config, dense = _regularised(task, method, seed, max(speedups), round_to, clock)
     regularised = task.evaluate(model)
     with clock("plan"):
@@ -135,7 +107,7 @@ def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[f
             with clock("plan"):
                 plan = pruner.path([plan.target_speedup])[0]
         small, report = pruner.pruned_copy(plan)
-        cuts.append(_cut(task, small, report.as_dict(), plan.target_speedup, lat_dense, lat_inputs, seed,
+        cuts.append(finetune_cut(task, small, report.as_dict(), plan.target_speedup, lat_dense, lat_inputs, seed,
                          latency_repeat, clock))
     return {"dense": dense, "regularised": regularised, "cuts": cuts, "requested_speedups": speedups,
             "separate_trainings": separate,

@@ -22,6 +22,7 @@ from torch import nn
 import etp_graph as eg
 
 from . import methods as methods_mod
+from .phases import Clock, finetune_cut
 from .tasks.base import Task
 
 
@@ -137,9 +138,8 @@ def _cut_to(model, inputs, heads, target: float, round_to: Optional[int]) -> nn.
 
 def run_tp_cell(task: Task, seed: int, speedups: List[float], round_to: Optional[int],
                 latency_repeat: int) -> Dict[str, Any]:
-    from .run import _Clock, _cut
     from .tasks.base import RegHook
-    clock = _Clock()
+    clock = Clock()
     with clock("dense"):
         model = task.dense(seed)
     inputs, heads = task.example_inputs(), task.heads(model)
@@ -172,5 +172,5 @@ def run_tp_cell(task: Task, seed: int, speedups: List[float], round_to: Optional
         m2 = eg.count_macs(small, inputs)
         report = {"macs": [macs, m2], "params": [params, eg.count_params(small)], "speedup": macs / max(m2, 1),
                   "units_kept": {}}
-        out["cuts"].append(_cut(task, small, report, target, lat_dense, lat_inputs, seed, latency_repeat, clock))
+        out["cuts"].append(finetune_cut(task, small, report, target, lat_dense, lat_inputs, seed, latency_repeat, clock))
     return out

@@ -19,7 +19,8 @@ Families: ``nn.MultiheadAttention`` (and so ``nn.TransformerEncoderLayer``/``Dec
 hand-written ViT attention with a fused ``qkv`` Linear (``qkv``, ``proj``, ``num_heads``),
 Hugging Face BERT-style ``…Attention`` blocks (``self.query/key/value``, ``output.dense``,
 ``output.LayerNorm``), and Informer / Time-Series-Library ``AttentionLayer``
-(``query/key/value/out_projection``, ``n_heads``).
+(``query/key/value/out_projection``, ``n_heads``); the last two, whose forward reads the sizes
+they are given, are in :mod:`.projections`, the shared base in :mod:`.heads`.
 
 ``nn.MultiheadAttention`` and the fused ViT attention derive ``head_dim`` from their input width,
 so once pruned their forward is replaced (:class:`PrunedMultiheadAttention`, a subclass with the
@@ -29,99 +30,17 @@ Verification at trace time compares the original forward (masked) with the repla
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import InternalGroup, LayerHandler, TensorSlice, register_handler
+from .base import TensorSlice, register_handler
+from .heads import HeadedAttention, Layout, fit_linears
 
 __all__ = ["PrunedMultiheadAttention", "apply_surgery"]
 
-
-def _head_rows(heads: int, dim: int, offset: int, kind: str):
-    """Index map for rows (or columns) laid out head after head, starting at ``offset``."""
-    def index(units: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        n = len(units)
-        if kind == "heads":
-            pos = torch.arange(n).repeat_interleave(dim)
-            idx = offset + units.repeat_interleave(dim) * dim + torch.arange(dim).repeat(n)
-        else:
-            pos = torch.arange(n).repeat_interleave(heads)
-            idx = offset + torch.arange(heads).repeat(n) * dim + units.repeat_interleave(heads)
-        return pos, idx
-    return index
-
-
-def _get(m: nn.Module, dotted: str):
-    owner, _, attr = dotted.rpartition(".")
-    return getattr(m.get_submodule(owner) if owner else m, attr)
-
-
-def _fit_linears(m: nn.Module, names: Sequence[str]) -> None:
-    for n in names:
-        lin = m.get_submodule(n)
-        lin.out_features, lin.in_features = lin.weight.shape
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    heads: int
-    head_dim: int
-    qkv: Tuple[Tuple[str, Optional[str], int], ...]   # (weight, bias or None, row offset) for q, k, v
-    out: str                                          # output projection weight (columns are heads)
-
-
-class _HeadedAttention(LayerHandler):
-    """What every multi-head family shares; subclasses describe their tensors."""
-
-    can_root = True
-    channel_last = True
-    backend_lacks = True   # a leaf for the tracer: its inner reshapes/matmuls are ours
-
-    # -- per family
-    def layout(self, m) -> _Layout:
-        raise NotImplementedError
-
-    def set_sizes(self, m, heads: int, head_dim: int) -> None:
-        raise NotImplementedError
-
-    def heads_refused(self, m) -> Optional[str]:
-        return None
-
-    # -- shared
-    def observe(self, m, args, kwargs, output):
-        tensors = [a for a in list(args[:3]) if isinstance(a, torch.Tensor)]
-        m._etp_cross = len({id(t) for t in tensors}) > 1
-
-    def unsupported(self, m, role, units: str = "heads"):
-        if role == "in" and getattr(m, "_etp_cross", False):
-            return (f"{type(m).__name__} is called with a query different from its key/value (cross "
-                    "attention): its input columns belong to two streams, so the embedding width "
-                    "is not pruned through it (its heads still are)")
-        return None
-
-    def internal_groups(self, m, units: str = "heads"):
-        kind = units
-        lay = self.layout(m)
-        slices: List[TensorSlice] = []
-        for w, b, off in lay.qkv:
-            rows = _head_rows(lay.heads, lay.head_dim, off, kind)
-            slices.append(TensorSlice(w, 0, rows))
-            if b is not None and _get(m, b) is not None:
-                slices.append(TensorSlice(b, 0, rows))
-        slices.append(TensorSlice(lay.out, 1, _head_rows(lay.heads, lay.head_dim, 0, kind)))
-        size = lay.heads if kind == "heads" else lay.head_dim
-        return [InternalGroup(kind, size, tuple(slices), self.heads_refused(m))]
-
-    def refresh(self, m, removed):
-        lay = self.layout(m)
-        heads = lay.heads - removed.get("heads", 0)
-        head_dim = lay.head_dim - removed.get("head_dims", 0)
-        self.set_sizes(m, heads, head_dim)
 
 
 # ------------------------------------------------------------------- nn.MultiheadAttention
@@ -207,7 +126,7 @@ def _additive(mask: torch.Tensor, dtype) -> torch.Tensor:
 
 
 @register_handler
-class MultiheadAttentionHandler(_HeadedAttention):
+class MultiheadAttentionHandler(HeadedAttention):
     module_types = (nn.MultiheadAttention,)
 
     def layout(self, m):
@@ -218,7 +137,7 @@ class MultiheadAttentionHandler(_HeadedAttention):
         else:
             qkv = (("q_proj_weight", "in_proj_bias", 0), ("k_proj_weight", "in_proj_bias", H * d),
                    ("v_proj_weight", "in_proj_bias", 2 * H * d))
-        return _Layout(H, d, qkv, "out_proj.weight")
+        return Layout(H, d, qkv, "out_proj.weight")
 
     def heads_refused(self, m):
         if m.bias_k is not None or m.add_zero_attn:
@@ -243,11 +162,12 @@ class MultiheadAttentionHandler(_HeadedAttention):
         m.embed_dim = m.out_proj.weight.shape[0]
         if m.in_proj_weight is not None:
             m.kdim = m.vdim = m.in_proj_weight.shape[1]
-        _fit_linears(m, ["out_proj"])
+        fit_linears(m, ["out_proj"])
 
     def num_channels(self, m, role):
         return m.out_proj.weight.shape[0] if role == "out" else (
             m.in_proj_weight.shape[1] if m.in_proj_weight is not None else m.q_proj_weight.shape[1])
+
 
 
 # ---------------------------------------------------------- fused-qkv (ViT / timm style)
@@ -269,7 +189,7 @@ _FUSED_CLASSES: Dict[type, type] = {}
 
 
 @register_handler
-class FusedQKVAttentionHandler(_HeadedAttention):
+class FusedQKVAttentionHandler(HeadedAttention):
     """A hand-written ViT attention: ``qkv = Linear(C, 3C)`` reshaped to ``(B, N, 3, H, C/H)``,
     softmax(q·kᵀ·scale)·v, ``proj = Linear(C, C)``; found by structure (``qkv``, ``proj``,
     ``num_heads``)."""
@@ -286,7 +206,7 @@ class FusedQKVAttentionHandler(_HeadedAttention):
 
     def layout(self, m):
         H, d = m.num_heads, self._head_dim(m)
-        return _Layout(H, d, (("qkv.weight", "qkv.bias", 0), ("qkv.weight", "qkv.bias", H * d),
+        return Layout(H, d, (("qkv.weight", "qkv.bias", 0), ("qkv.weight", "qkv.bias", H * d),
                               ("qkv.weight", "qkv.bias", 2 * H * d)), "proj.weight")
 
     def heads_refused(self, m):
@@ -306,110 +226,11 @@ class FusedQKVAttentionHandler(_HeadedAttention):
         m.num_heads, m.etp_head_dim = heads, head_dim
         m.etp_surgery = "fused_qkv"
         apply_surgery(m)
-        _fit_linears(m, ["qkv", "proj"])
+        fit_linears(m, ["qkv", "proj"])
 
     def num_channels(self, m, role):
         return m.proj.out_features if role == "out" else m.qkv.in_features
 
-
-# ---------------------------------------------------- Hugging Face BERT-style attention
-@register_handler
-class BertAttentionHandler(_HeadedAttention):
-    """``BertAttention``-shaped blocks (BERT, RoBERTa, MiniLM …): ``self.query/key/value`` →
-    heads → ``output.dense`` → ``output.LayerNorm(dense + input)``. The hidden residual inside
-    ties input channel ``c`` to output channel ``c``: one role. The forward infers the head count
-    (``view(…, -1, attention_head_size)``) and keeps ``scaling``, so only the sizes change."""
-
-    module_types = ()
-    couples_in_out = True
-    exact_when_masked = False   # the LayerNorm over the hidden width
-
-    def matches(self, m):
-        s, o = getattr(m, "self", None), getattr(m, "output", None)
-        return (isinstance(s, nn.Module) and isinstance(o, nn.Module)
-                and all(isinstance(getattr(s, n, None), nn.Linear) for n in ("query", "key", "value"))
-                and isinstance(getattr(s, "num_attention_heads", None), int)
-                and isinstance(getattr(s, "attention_head_size", None), int)
-                and isinstance(getattr(o, "dense", None), nn.Linear)
-                and isinstance(getattr(o, "LayerNorm", None), nn.LayerNorm))
-
-    def observe(self, m, args, kwargs, output):
-        m._etp_cross = kwargs.get("encoder_hidden_states") is not None
-
-    def unsupported(self, m, role, units: str = "heads"):
-        if getattr(m, "_etp_cross", False):
-            return f"{type(m).__name__} is used as cross attention; its hidden width is not pruned through it"
-        return None
-
-    def layout(self, m):
-        s = m.self
-        return _Layout(s.num_attention_heads, s.attention_head_size,
-                       tuple((f"self.{n}.weight", f"self.{n}.bias", 0) for n in ("query", "key", "value")),
-                       "output.dense.weight")
-
-    def slices(self, m, role, units: str = "heads"):
-        out = [TensorSlice(f"self.{n}.weight", 1) for n in ("query", "key", "value")]
-        out += [TensorSlice("output.dense.weight", 0)]
-        for n in ("output.dense.bias", "output.LayerNorm.weight", "output.LayerNorm.bias"):
-            if _get(m, n) is not None:
-                out.append(TensorSlice(n, 0))
-        return out
-
-    def set_sizes(self, m, heads, head_dim):
-        s = m.self
-        s.num_attention_heads, s.attention_head_size = heads, head_dim
-        s.all_head_size = heads * head_dim
-        _fit_linears(m, ["self.query", "self.key", "self.value", "output.dense"])
-        m.output.LayerNorm.normalized_shape = (m.output.LayerNorm.weight.shape[0],)
-
-    def num_channels(self, m, role):
-        return m.output.dense.out_features
-
-
-# ------------------------------------------- Informer / Time-Series-Library AttentionLayer
-@register_handler
-class ProjectionAttentionHandler(_HeadedAttention):
-    """``AttentionLayer(inner_attention, d_model, n_heads)`` of Informer and the Time-Series-Library:
-    ``query/key/value_projection`` → ``view(B, L, H, -1)`` → ``inner_attention`` →
-    ``out_projection``. The inner attention's ``scale`` is pinned to the unpruned ``1/√d`` before
-    head dimensions are cut. ``mix=True`` (heads interleaved with positions) is refused."""
-
-    module_types = ()
-    _NAMES = ("query_projection", "key_projection", "value_projection", "out_projection")
-
-    def matches(self, m):
-        return (all(isinstance(getattr(m, n, None), nn.Linear) for n in self._NAMES)
-                and isinstance(getattr(m, "n_heads", None), int)
-                and isinstance(getattr(m, "inner_attention", None), nn.Module))
-
-    def layout(self, m):
-        H = m.n_heads
-        d = m.value_projection.out_features // H
-        return _Layout(H, d, tuple((f"{n}.weight", f"{n}.bias", 0) for n in self._NAMES[:3]), "out_projection.weight")
-
-    def heads_refused(self, m):
-        if getattr(m, "mix", False):
-            return (f"{type(m).__name__}(mix=True) interleaves heads with time steps in its output, "
-                    "so a removed head shifts every later position; its heads are not prunable")
-        if m.query_projection.out_features != m.value_projection.out_features:
-            return "query and value projections have different widths (d_keys != d_values)"
-        return None
-
-    def slices(self, m, role, units: str = "heads"):
-        if role == "in":
-            return [TensorSlice(f"{n}.weight", 1) for n in self._NAMES[:3]]
-        out = [TensorSlice("out_projection.weight", 0)]
-        return out + ([TensorSlice("out_projection.bias", 0)] if m.out_projection.bias is not None else [])
-
-    def set_sizes(self, m, heads, head_dim):
-        inner = m.inner_attention
-        if getattr(inner, "scale", 1) is None:
-            inner.scale = 1.0 / math.sqrt(self.layout(m).head_dim)
-        m.n_heads = heads
-        _fit_linears(m, list(self._NAMES))
-
-    def num_channels(self, m, role):
-        return m.out_projection.out_features if role == "out" else m.query_projection.in_features
 
 
 # ------------------------------------------------------------------------------ surgery
