@@ -12,6 +12,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .graph.group import slice_sums
 from .handlers import get_handler
 from .torque import ETPConfig
 
@@ -73,9 +74,7 @@ class ETPImportance(tp.importance.Importance):
             local = torch.tensor([int(getattr(i, "idx", i)) for i in idxs], dtype=torch.long)
             for t, dim, pos, index in _slices(dep, local):
                 sel = t.detach().index_select(dim, index.to(t.device))
-                val = sel.pow(2) if l2 else sel.abs()
-                dims = [d for d in range(val.dim()) if d != dim]
-                per = (val.sum(dim=dims) if dims else val).double().cpu()
+                per = slice_sums(sel, dim, self.config.norm).double().cpu()
                 total.index_add_(0, roots[pos], per)
         scores = total.sqrt() if l2 else total
         return tie_break(scores.float(), self.config.pivot_of(n))

@@ -118,7 +118,7 @@ class Regularizer(abc.ABC):
                              "the class that matches the config")
         self.groups = list(groups)
         self.config = config
-        self.model = model if model is not None else (self.groups[0]._graph.model if self.groups else None)
+        self.model = model if model is not None else (self.groups[0].model if self.groups else None)
         self._slot = {id(g): k for k, g in enumerate(self.groups)}
         self._places: List[torch.Tensor] = [self._rank(g) for g in self.groups]
 

@@ -40,6 +40,14 @@ class SliceItem:
         return self.pairs
 
 
+def slice_sums(t: torch.Tensor, dim: int, norm: str = "l2") -> torch.Tensor:
+    """``Tensor[t.shape[dim]]``: per index along ``dim``, ``Σ t²`` (``"l2"``) or ``Σ |t|`` (``"l1"``)
+    over the other dims; the one place the coupled norms are summed (groups and ETPImportance)."""
+    per_elem = t.pow(2) if norm == "l2" else t.abs()
+    dims = [d for d in range(t.dim()) if d != dim]
+    return per_elem.sum(dim=dims) if dims else per_elem
+
+
 def _resolve(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name) if name else model
 
@@ -78,6 +86,11 @@ class CoupledGroup:
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def model(self) -> nn.Module:
+        """The model the group was traced from (its ``prune`` acts on it)."""
+        return self._graph.model
 
     @property
     def modules(self) -> List[str]:
@@ -124,9 +137,7 @@ class CoupledGroup:
         model = self._graph.model if model is None else model
         total = None
         for it, t, pairs in self.parameter_slices(model):
-            dims = [d for d in range(t.dim()) if d != it.dim]
-            per_elem = t.pow(2) if norm == "l2" else t.abs()
-            per_index = per_elem.sum(dim=dims) if dims else per_elem
+            per_index = slice_sums(t, it.dim, norm)
             contrib = torch.zeros(self.size, dtype=t.dtype, device=t.device).index_add(
                 0, pairs[0].to(t.device), per_index[pairs[1].to(t.device)])
             total = contrib if total is None else total + contrib
