@@ -36,7 +36,9 @@ def _key(cell) -> Tuple[str, str, str]:
 
 def _row_name(cell) -> str:
     extra = [f"β={cell.get('beta_override')}"] * (cell.get("beta_override") is not None) + [
-        f"round_to={cell['round_to']}"] * bool(cell.get("round_to")) + ["separate trainings"] * bool(
+        f"round_to={cell['round_to']}"] * bool(cell.get("round_to")) + [
+        f"max ratio {cell.get('max_pruning_ratio')}"] * (cell.get("max_pruning_ratio") is not None) + [
+        "separate trainings"] * bool(
         cell.get("separate_trainings"))
     return cell["method"] + (f" ({', '.join(extra)})" if extra else "")
 

@@ -55,9 +55,22 @@ def machine(device: str) -> Dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if device.startswith("cuda") else None}
 
 
-def cell_path(out: Path, task: str, budget: str, method: str, seed: int, round_to: Optional[int],
+@dataclasses.dataclass(frozen=True)
+class PlanOptions:
+    """How every method of a run is cut (the same for all): ``ETPPruner``'s ``round_to`` and
+    ``max_pruning_ratio``."""
+
+    round_to: Optional[int] = None
+    max_pruning_ratio: Optional[float] = None
+
+    def tags(self) -> str:
+        return ((f"-r{self.round_to}" if self.round_to else "")
+                + (f"-m{self.max_pruning_ratio:g}" if self.max_pruning_ratio is not None else ""))
+
+
+def cell_path(out: Path, task: str, budget: str, method: str, seed: int, plan: PlanOptions = PlanOptions(),
               separate: bool = False, beta: Optional[float] = None) -> Path:
-    tags = (f"-b{beta:g}" if beta is not None else "") + (f"-r{round_to}" if round_to else "") + ("-sep" if separate else "")
+    tags = (f"-b{beta:g}" if beta is not None else "") + plan.tags() + ("-sep" if separate else "")
     return out / task / budget / f"{method}-s{seed}{tags}.json"
 
 
@@ -71,7 +84,7 @@ def _reachable(pruner: eg.ETPPruner, speedups: List[float]) -> List[float]:
 
 
 def _regularised(task: Task, method: methods_mod.Method, seed: int, speedup: float,
-                 round_to: Optional[int], clock: Clock):
+                 plan: PlanOptions, clock: Clock):
     """The dense start of ``seed`` trained through the method's regularisation phase, and its pruner."""
     with clock("dense"):
         model = task.dense(seed)
@@ -79,7 +92,8 @@ def _regularised(task: Task, method: methods_mod.Method, seed: int, speedup: flo
     config = method.regularizer_config(task.betas.get(method.name))
     pruner = eg.ETPPruner(model, task.example_inputs(), ignored_layers=task.heads(model),
                           config=config or eg.ETPConfig(beta=0.0, **methods_mod.ETP_DEFAULTS),
-                          target_speedup=speedup, round_to=round_to, importance=method.importance(seed),
+                          target_speedup=speedup, round_to=plan.round_to, importance=method.importance(seed),
+                          max_pruning_ratio=plan.max_pruning_ratio,
                           group_filter=task.group_filter(model))
     hook = RegHook(pruner.regularizer, task.reg_mode, task.decay_scale) if config is not None else None
     with clock("regularise"):
@@ -88,11 +102,11 @@ def _regularised(task: Task, method: methods_mod.Method, seed: int, speedup: flo
 
 
 def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[float],
-             round_to: Optional[int], latency_repeat: int, separate: bool = False) -> Dict[str, Any]:
+             plan_options: PlanOptions, latency_repeat: int, separate: bool = False) -> Dict[str, Any]:
     """One cell. ``separate``: a fresh regularised training per target instead of one for all
     (to compare with the nested family from one training)."""
     clock = Clock()
-    model, pruner, config, dense = _regularised(task, method, seed, max(speedups), round_to, clock)
+    model, pruner, config, dense = _regularised(task, method, seed, max(speedups), plan_options, clock)
     regularised = task.evaluate(model)
     with clock("plan"):
         targets = _reachable(pruner, speedups)
@@ -103,7 +117,7 @@ def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[f
     cuts = []
     for k, plan in enumerate(tqdm(plans, desc=f"{method.name} s{seed} cuts", leave=False)):
         if separate and k:      # train again from the dense start, for this target alone
-            _, pruner, _, _ = _regularised(task, method, seed, plan.target_speedup, round_to, clock)
+            _, pruner, _, _ = _regularised(task, method, seed, plan.target_speedup, plan_options, clock)
             with clock("plan"):
                 plan = pruner.path([plan.target_speedup])[0]
         small, report = pruner.pruned_copy(plan)
@@ -117,7 +131,8 @@ def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[f
                                   "importance": "random" if method.random_importance else "coupled norm"},
                        "task": task.describe(), "budget": dataclasses.asdict(task.budget),
                        "reg_mode": task.reg_mode, "decay_scale": task.decay_scale,
-                       "pruner": {"round_to": round_to, "planner": "ETPPruner.path (share of group importance per MAC)"},
+                       "pruner": {**dataclasses.asdict(plan_options),
+                                  "planner": "ETPPruner.path (share of group importance per MAC)"},
                        "latency": {"repeat": latency_repeat, "inputs": _describe_inputs(lat_inputs)}},
             "wall_s": clock.wall}
 
@@ -141,6 +156,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", default="quick")
     p.add_argument("--device", default="cpu")
     p.add_argument("--round-to", type=int, default=None, help="every group keeps a multiple of this many units")
+    p.add_argument("--max-pruning-ratio", type=float, default=None,
+                   help="no group loses more than this fraction of its units (every method alike)")
     p.add_argument("--separate", action="store_true",
                    help="a separate regularised training per speed-up (default: one training, a nested family)")
     p.add_argument("--beta", action="append", default=[],
@@ -159,8 +176,9 @@ def main(argv=None) -> int:
     speedups = sorted(float(s) for s in args.speedups.split(",")) if args.speedups else list(task.speedups)
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
+    plan = PlanOptions(args.round_to, args.max_pruning_ratio)
     todo = [(m, s) for s in seeds for m in chosen
-            if args.force or not cell_path(out, task.name, args.budget, m.name, s, args.round_to, args.separate, betas.get(m.name)).is_file()]
+            if args.force or not cell_path(out, task.name, args.budget, m.name, s, plan, args.separate, betas.get(m.name)).is_file()]
     print(f"{task.name} ({args.budget}): {len(todo)} of {len(seeds) * len(chosen)} cells to run; "
           f"{torch.get_num_threads()} threads, device {args.device}")
     if not todo:
@@ -171,16 +189,17 @@ def main(argv=None) -> int:
         torch.manual_seed(seed)
         if method.name == "torch-pruning":
             from .torch_pruning_arm import run_tp_cell
-            result = run_tp_cell(task, seed, speedups, args.round_to, args.latency_repeat)
+            result = run_tp_cell(task, seed, speedups, plan, args.latency_repeat)
         else:
-            result = run_cell(task, method, seed, speedups, args.round_to, args.latency_repeat, args.separate)
+            result = run_cell(task, method, seed, speedups, plan, args.latency_repeat, args.separate)
         result.update({"task": task.name, "method": method.name, "seed": seed, "budget": args.budget,
                        "beta_override": betas.get(method.name),
-                       "options": options, "round_to": args.round_to, "commit": commit(),
+                       "options": options, "round_to": plan.round_to,
+                       "max_pruning_ratio": plan.max_pruning_ratio, "commit": commit(),
                        "machine": machine(args.device), "date": time.strftime("%Y-%m-%d %H:%M"),
                        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])})
         result["wall_s"]["total"] = round(time.perf_counter() - t0, 1)
-        path = cell_path(out, task.name, args.budget, method.name, seed, args.round_to, args.separate,
+        path = cell_path(out, task.name, args.budget, method.name, seed, plan, args.separate,
                          betas.get(method.name))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -13,6 +13,7 @@ our fvcore count reaches the target. Fine-tuning and measurement are the suite's
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -102,14 +103,16 @@ class _TPRegularizer:
         raise NotImplementedError("Torch-Pruning's sparse learning has no decoupled form; run it on a 'grad' task")
 
 
-def _cut_to(model, inputs, heads, target: float, round_to: Optional[int]) -> nn.Module:
+def _cut_to(model, inputs, heads, target: float, plan) -> nn.Module:
     base = eg.count_macs(model, inputs)
 
     def cut(ratio):
         m = copy.deepcopy(model)
         p = _tp_pruner(m, inputs, _heads_in(m, model, heads), ratio, True)
-        if round_to:
-            p.round_to = round_to
+        if plan.round_to:
+            p.round_to = plan.round_to
+        if plan.max_pruning_ratio is not None:
+            p.max_pruning_ratio = plan.max_pruning_ratio
         p.step()
         return m, base / max(eg.count_macs(m, inputs), 1)
 
@@ -136,8 +139,9 @@ def _cut_to(model, inputs, heads, target: float, round_to: Optional[int]) -> nn.
     return best[0]
 
 
-def run_tp_cell(task: Task, seed: int, speedups: List[float], round_to: Optional[int],
-                latency_repeat: int) -> Dict[str, Any]:
+def run_tp_cell(task: Task, seed: int, speedups: List[float], plan, latency_repeat: int) -> Dict[str, Any]:
+    """The ``torch-pruning`` row: Torch-Pruning's own sparse learning, pruner and importance, cut
+    with the run's ``PlanOptions`` (``plan``), where it prunes the task's model exactly."""
     from .tasks.base import RegHook
     clock = Clock()
     with clock("dense"):
@@ -150,7 +154,8 @@ def run_tp_cell(task: Task, seed: int, speedups: List[float], round_to: Optional
                                                  "regularizer": {"reg": beta, "alpha": 16.0},
                                                  "importance": "tp.importance.GroupMagnitudeImportance(p=2)"},
                                       "task": task.describe(), "budget": dict(vars(task.budget)),
-                                      "pruner": {"round_to": round_to, "planner": "tp BasePruner, global, ratio bisected"}},
+                                      "pruner": {**dataclasses.asdict(plan),
+                                                 "planner": "tp BasePruner, global, ratio bisected"}},
                            "wall_s": clock.wall}
     refused = exactness(model, inputs, heads)
     out["refused"] = refused
@@ -168,7 +173,7 @@ def run_tp_cell(task: Task, seed: int, speedups: List[float], round_to: Optional
     macs, params = eg.count_macs(model, inputs), eg.count_params(model)
     for target in speedups:
         with clock("plan"):
-            small = _cut_to(model, inputs, heads, target, round_to)
+            small = _cut_to(model, inputs, heads, target, plan)
         m2 = eg.count_macs(small, inputs)
         report = {"macs": [macs, m2], "params": [params, eg.count_params(small)], "speedup": macs / max(m2, 1),
                   "units_kept": {}}

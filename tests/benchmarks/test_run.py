@@ -95,3 +95,14 @@ def test_torch_pruning_row_runs_where_it_is_exact_and_refuses_with_its_error_els
     model = e.build().eval()
     reason = exactness(model, e.example_inputs(), e.heads(model))
     assert reason is not None and len(reason) > 10
+
+
+def test_max_pruning_ratio_caps_every_group_for_every_method(cells):
+    out = cells
+    assert run.main(["tiny-cnn", "--methods", "magnitude", "--seeds", "0", "--out", str(out), "--speedups", "1.5",
+                     "--max-pruning-ratio", "0.6", "--latency-repeat", "2"]) == 0
+    r = json.loads((out / "tiny-cnn" / "quick" / "magnitude-s0-m0.6.json").read_text())
+    assert r["max_pruning_ratio"] == 0.6 and r["config"]["pruner"]["max_pruning_ratio"] == 0.6
+    kept = r["cuts"][0]["units_kept"]
+    assert kept and all(n >= 16 - int(16 * 0.6) for n in kept.values()), kept   # 16-unit groups
+    assert run.cell_path(out, "t", "quick", "etp", 0, run.PlanOptions(8, 0.5)).name == "etp-s0-r8-m0.5.json"
