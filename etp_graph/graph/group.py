@@ -181,7 +181,7 @@ class CoupledGroup:
         """Remove ``units``' slices from ``model``: the graph's model or a copy of it (same module
         names), without renumbering this group. Atomic: on error ``model`` is unchanged. Use
         :meth:`prune` for the graph's own model; this is for pruned copies (a plan, a check)."""
-        units = torch.as_tensor(list(units) if not isinstance(units, torch.Tensor) else units, dtype=torch.long)
+        units = self._check(units)
         plan: Dict[Tuple[str, str], Dict[int, set]] = {}
         removed: Dict[Tuple[str, str], set] = {}
         for it in self.items:

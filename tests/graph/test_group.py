@@ -65,3 +65,13 @@ def test_bad_indices(idx, err, msg):
     with pytest.raises(err, match=msg):
         grp.prune(idx)
     assert_unchanged(m, snap)
+
+
+def test_cut_of_a_copy_checks_indices_and_leaves_the_group_numbering():
+    m = chain()
+    grp = eg.trace(m, X8, ignored_layers=[m[6]]).groups[0]
+    clone = copy.deepcopy(m)
+    grp.cut(clone, [1, 2])
+    assert clone[0].out_channels == 6 and m[0].out_channels == 8 and grp.size == 8
+    with pytest.raises(ValueError, match="out of range"):
+        grp.cut(clone, [9])
