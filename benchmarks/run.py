@@ -31,7 +31,7 @@ import etp_graph as eg
 from . import methods as methods_mod
 from .tasks import TASKS, get_task
 from .phases import Clock, finetune_cut
-from .tasks.base import RegHook, Task
+from .tasks.base import RegHook, Task, cache_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -83,9 +83,22 @@ def _reachable(pruner: eg.ETPPruner, speedups: List[float]) -> List[float]:
     return sorted(set(kept))
 
 
+def _regularised_path(task: Task, method: methods_mod.Method, seed: int) -> Path:
+    """Where a cell keeps its regularised model (outside the repository), keyed by everything the
+    regularisation phase depends on: task, budget, task options, method, its β, seed, steps."""
+    opts = "".join(f"-{k}={v}" for k, v in sorted(task.options.items()))
+    beta = task.betas.get(method.name)
+    return (cache_dir() / "regularised" / f"{task.name}-{task.budget_name}{opts}-{method.name}"
+            f"{'' if beta is None else f'-b{beta:g}'}-reg{task.budget.reg}-s{seed}.pt")
+
+
 def _regularised(task: Task, method: methods_mod.Method, seed: int, speedup: float,
-                 plan: PlanOptions, clock: Clock):
-    """The dense start of ``seed`` trained through the method's regularisation phase, and its pruner."""
+                 plan: PlanOptions, clock: Clock, reuse: bool = False):
+    """The dense start of ``seed`` trained through the method's regularisation phase, and its pruner.
+
+    The regularised weights are saved; with ``reuse`` a saved one is loaded instead of training
+    again (the pruner is still built on the dense start, as when training, so the cut is the
+    same): another plan (``--round-to``, ``--max-pruning-ratio``) of the same trained model."""
     with clock("dense"):
         model = task.dense(seed)
     dense = task.evaluate(model)
@@ -96,17 +109,27 @@ def _regularised(task: Task, method: methods_mod.Method, seed: int, speedup: flo
                           max_pruning_ratio=plan.max_pruning_ratio,
                           group_filter=task.group_filter(model))
     hook = RegHook(pruner.regularizer, task.reg_mode, task.decay_scale) if config is not None else None
+    saved = _regularised_path(task, method, seed)
     with clock("regularise"):
-        task.train(model, task.budget.reg, seed=100 + seed, hook=hook, phase="regularise")
+        if reuse and saved.is_file():
+            model.load_state_dict(torch.load(saved, map_location=task.device))
+        else:
+            task.train(model, task.budget.reg, seed=100 + seed, hook=hook, phase="regularise")
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), str(saved) + ".tmp")
+            os.replace(str(saved) + ".tmp", saved)
     return model, pruner, config, dense
 
 
 def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[float],
-             plan_options: PlanOptions, latency_repeat: int, separate: bool = False) -> Dict[str, Any]:
+             plan_options: PlanOptions, latency_repeat: int, separate: bool = False,
+             reuse: bool = False) -> Dict[str, Any]:
     """One cell. ``separate``: a fresh regularised training per target instead of one for all
-    (to compare with the nested family from one training)."""
+    (to compare with the nested family from one training); ``reuse``: load the saved regularised
+    model of an earlier run of this cell instead of training again."""
     clock = Clock()
-    model, pruner, config, dense = _regularised(task, method, seed, max(speedups), plan_options, clock)
+    model, pruner, config, dense = _regularised(task, method, seed, max(speedups), plan_options, clock,
+                                                reuse and not separate)
     regularised = task.evaluate(model)
     with clock("plan"):
         targets = _reachable(pruner, speedups)
@@ -124,7 +147,7 @@ def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[f
         cuts.append(finetune_cut(task, small, report.as_dict(), plan.target_speedup, lat_dense, lat_inputs, seed,
                          latency_repeat, clock))
     return {"dense": dense, "regularised": regularised, "cuts": cuts, "requested_speedups": speedups,
-            "separate_trainings": separate,
+            "separate_trainings": separate, "regularised_reused": reuse and not separate,
             "skipped_groups": [dataclasses.asdict(s) for s in pruner.graph.skipped],
             "config": {"method": {"name": method.name, "description": method.description,
                                   "regularizer": dataclasses.asdict(config) if config else None,
@@ -162,6 +185,8 @@ def main(argv=None) -> int:
                    help="a separate regularised training per speed-up (default: one training, a nested family)")
     p.add_argument("--beta", action="append", default=[],
                    help="method=value: another regulariser strength than the task's (a separate row)")
+    p.add_argument("--reuse-regularised", action="store_true",
+                   help="load each cell's saved regularised model (from an earlier run) instead of training")
     p.add_argument("--latency-repeat", type=int, default=10)
     p.add_argument("--option", action="append", default=[], help="task option key=value (e.g. dataset=CiteSeer)")
     p.add_argument("--out", default=str(RESULTS))
@@ -191,7 +216,8 @@ def main(argv=None) -> int:
             from .torch_pruning_arm import run_tp_cell
             result = run_tp_cell(task, seed, speedups, plan, args.latency_repeat)
         else:
-            result = run_cell(task, method, seed, speedups, plan, args.latency_repeat, args.separate)
+            result = run_cell(task, method, seed, speedups, plan, args.latency_repeat, args.separate,
+                              args.reuse_regularised)
         result.update({"task": task.name, "method": method.name, "seed": seed, "budget": args.budget,
                        "beta_override": betas.get(method.name),
                        "options": options, "round_to": plan.round_to,

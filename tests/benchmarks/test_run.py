@@ -106,3 +106,22 @@ def test_max_pruning_ratio_caps_every_group_for_every_method(cells):
     kept = r["cuts"][0]["units_kept"]
     assert kept and all(n >= 16 - int(16 * 0.6) for n in kept.values()), kept   # 16-unit groups
     assert run.cell_path(out, "t", "quick", "etp", 0, run.PlanOptions(8, 0.5)).name == "etp-s0-r8-m0.5.json"
+
+
+def test_a_saved_regularised_model_gives_the_same_cell(cells, tmp_path, monkeypatch):
+    """--reuse-regularised loads the cell's saved regularised weights: same metrics and cuts as
+    the run that trained them (the fixture's cache, a fresh results folder)."""
+    first = json.loads((cells / "tiny-cnn" / "quick" / "etp-s0.json").read_text())
+    task_cls = get_task("tiny-cnn")
+    train = task_cls.train
+
+    def no_regularising(self, model, length, seed, hook=None, phase="finetune"):
+        assert phase != "regularise", "the saved regularised model was not reused"
+        return train(self, model, length, seed, hook, phase)
+    monkeypatch.setattr(task_cls, "train", no_regularising)
+    assert run.main(["tiny-cnn", "--methods", "etp", "--seeds", "0", "--out", str(tmp_path),
+                     "--latency-repeat", "2", "--reuse-regularised"]) == 0      # the fixture's cache
+    again = json.loads((tmp_path / "tiny-cnn" / "quick" / "etp-s0.json").read_text())
+    assert again["regularised_reused"] and again["regularised"] == first["regularised"]
+    assert [(c["units_kept"], c["pruned"], c["finetuned"]) for c in again["cuts"]] == \
+        [(c["units_kept"], c["pruned"], c["finetuned"]) for c in first["cuts"]]
