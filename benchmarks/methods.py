@@ -49,9 +49,15 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
            lambda b: eg.ETPConfig(beta=b, **{**ETP_DEFAULTS, "profile": "linear"})),
     Method("group-sl", "DepGraph sparse learning (Torch-Pruning GroupNormPruner.regularize, alpha=16)",
            lambda b: eg.ETPConfig(beta=b, c=math.log(16.0), profile="group-sl")),
+    Method("etp-unit", "candidate defaults: etp with scale='unit' (no 1/N: a unit of a wide group is pushed "
+           "as hard as one of a narrow group)", lambda b: eg.ETPConfig(beta=b, **ETP_DEFAULTS, scale="unit")),
     Method("magnitude", "no regulariser (plain training for the same steps), coupled norm", None),
     Method("random", "no regulariser, random importance", None, random_importance=True),
 )}
+
+#: what a run compares unless told otherwise: the six methods of the benchmark (etp-unit is a
+#: candidate for etp's defaults, run by name)
+DEFAULT_METHODS = ("etp", "etp-paper", "torque", "group-sl", "magnitude", "random")
 
 #: run end to end by Torch-Pruning itself (benchmarks/torch_pruning_arm.py), where it prunes exactly
 TORCH_PRUNING = Method("torch-pruning", "Torch-Pruning's own GroupNormPruner.regularize (alpha=16) and "

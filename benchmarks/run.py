@@ -173,7 +173,7 @@ def _describe_inputs(x: Any) -> Any:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", choices=sorted(TASKS))
-    p.add_argument("--methods", default=",".join(methods_mod.METHODS), help="comma-separated")
+    p.add_argument("--methods", default=",".join(methods_mod.DEFAULT_METHODS), help="comma-separated")
     p.add_argument("--speedups", default=None, help="comma-separated MACs targets (default: the task's)")
     p.add_argument("--seeds", default="0")
     p.add_argument("--budget", default="quick")

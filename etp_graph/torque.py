@@ -59,6 +59,11 @@ class ETPConfig:
             place ``i``, the public code) or ``"norm"`` (ranked once, when the regulariser is
             built, by coupled norm: the strongest unit on the pivot, then outwards, nearer
             places first and lower places first on ties).
+        scale: how a profile's weights become coefficients: ``"mean"`` (``beta·w/N``, the
+            published formula: a group's penalty is the mean over its units, so a unit of a
+            1,536-unit FFN group is pushed 128× less than a unit of a 12-head group) or
+            ``"unit"`` (``beta·w``: every unit at the same place is pushed alike, whatever its
+            group's width). Profiles only (``"exp"``, ``"linear"``).
     """
 
     beta: float
@@ -68,6 +73,7 @@ class ETPConfig:
     norm: str = "l2"
     zero_below: Optional[float] = None
     order: str = "index"
+    scale: str = "mean"
 
     def __post_init__(self):
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
@@ -86,6 +92,9 @@ class ETPConfig:
             raise ValueError(f"ETPConfig.norm must be 'l2' or 'l1', got {self.norm!r}")
         if self.order not in ("index", "norm"):
             raise ValueError(f"ETPConfig.order must be 'index' or 'norm', got {self.order!r}")
+        if self.scale not in ("mean", "unit"):
+            raise ValueError(f"ETPConfig.scale must be 'mean' (beta·w/N, the paper) or 'unit' (beta·w), "
+                             f"got {self.scale!r}")
         if self.zero_below is not None and not (self.zero_below > 0):
             raise ValueError(f"ETPConfig.zero_below must be None or > 0, got {self.zero_below!r}")
 
@@ -269,7 +278,8 @@ class ProfileRegularizer(Regularizer):
         return self.weights(n, self.config.pivot_of(n))[self.places(group)]
 
     def coefficients(self, group: CoupledGroup) -> torch.Tensor:
-        return self.group_weights(group) * (self.config.beta / group.size)
+        per = self.config.beta / group.size if self.config.scale == "mean" else self.config.beta
+        return self.group_weights(group) * per
 
 
 class ETP(ProfileRegularizer):

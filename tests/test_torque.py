@@ -176,11 +176,26 @@ def test_zero_below_and_state_dict_round_trip():
         eg.Torque(graph.groups, eg.ETPConfig(beta=1.0, profile="linear")).load_state_dict(reg.state_dict())
 
 
+@pytest.mark.parametrize("profile", ["exp", "linear"])
+def test_unit_scale_drops_the_one_over_n(profile):
+    """scale="unit": the same closed form without 1/N, so both groups push their units alike."""
+    torch.manual_seed(1)
+    net = Net()
+    cfg = eg.ETPConfig(beta=0.01, c=3.0, pivot=0, profile=profile, scale="unit")
+    pruner = eg.ETPPruner(net, X, ignored_layers=[net.head], config=cfg, pruning_ratio=0.5)
+    expect = sum((_w(len(s), 0, 3.0, profile) * s).sum() for s in _unit_sq(net))
+    assert torch.allclose(pruner.penalty(), 0.01 * expect, rtol=1e-5)
+    mean = eg.ETPPruner(net, X, ignored_layers=[net.head], config=eg.ETPConfig(beta=0.01, c=3.0, profile=profile),
+                        pruning_ratio=0.5)
+    for g, gm in zip(pruner.graph.groups, mean.graph.groups):
+        torch.testing.assert_close(pruner.regularizer.coefficients(g), mean.regularizer.coefficients(gm) * g.size)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(beta=-1), "beta"), (dict(beta=math.nan), "beta"), (dict(beta=1, c=-2), "c"),
     (dict(beta=1, pivot="left"), "pivot"), (dict(beta=1, pivot=-1), "pivot"), (dict(beta=1, pivot=True), "pivot"),
     (dict(beta=1, profile="cubic"), "profile"), (dict(beta=1, norm="l3"), "norm"), (dict(beta=1, zero_below=0), "zero_below"),
-    (dict(beta=1, order="random"), "order"),
+    (dict(beta=1, order="random"), "order"), (dict(beta=1, scale="sum"), "scale"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
