@@ -17,7 +17,7 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
-from .graph.inputs import as_call, eval_mode, forward
+from .graph.inputs import as_call, eval_mode, flat_tensors, forward
 
 __all__ = ["count_macs", "count_params", "unsupported_ops", "measure_latency", "MAC_HANDLES", "FREE_OPS"]
 
@@ -70,36 +70,39 @@ MAC_HANDLES: Dict[str, Callable] = {
 #: and counts the norms, pooling and upsampling): element-wise maths, activations, pads,
 #: reductions, index and scatter ops. A test keeps this list disjoint from fvcore's own.
 FREE_OPS = tuple("""
-aten::_pad_circular aten::abs aten::adaptive_avg_pool1d aten::add aten::add_ aten::avg_pool2d
-aten::circular_pad1d aten::circular_pad2d aten::clone aten::cumsum aten::div aten::elu
-aten::embedding aten::exp aten::expand_as aten::fill_ aten::gelu aten::gelu_ aten::glu
-aten::hardswish aten::hardtanh aten::im2col aten::index_add_ aten::index_select aten::leaky_relu
-aten::log_softmax aten::lt aten::masked_fill_ aten::max_pool1d aten::max_pool2d
-aten::max_pool2d_with_indices aten::max_pool3d aten::mean aten::mul aten::mul_ aten::ne
-aten::neg aten::new_ones aten::numpy_T aten::ones_like aten::pad aten::pow aten::prelu
-aten::randint aten::reflection_pad1d aten::reflection_pad2d aten::repeat aten::replication_pad1d
-aten::replication_pad2d aten::rsub aten::scatter aten::scatter_add aten::scatter_add_
-aten::scatter_reduce aten::scatter_reduce_ aten::sigmoid aten::silu aten::softmax aten::softplus
-aten::sqrt aten::sub aten::sum aten::tanh aten::topk aten::tril aten::triu aten::unflatten
-aten::where aten::zero_
+aten::_pad_circular aten::abs aten::adaptive_avg_pool1d aten::add aten::add_ aten::amax
+aten::amin aten::avg_pool2d aten::circular_pad1d aten::circular_pad2d aten::clone aten::cumsum
+aten::div aten::elu aten::embedding aten::exp aten::expand_as aten::fill_ aten::gelu
+aten::gelu_ aten::glu aten::hardswish aten::hardtanh aten::im2col aten::index_add_
+aten::index_select aten::leaky_relu aten::log_softmax aten::logsumexp aten::lt
+aten::masked_fill_ aten::max_pool1d aten::max_pool2d aten::max_pool2d_with_indices
+aten::max_pool3d aten::mean aten::mul aten::mul_ aten::ne aten::neg aten::new_ones
+aten::numpy_T aten::ones_like aten::pad aten::pow aten::prelu aten::randint
+aten::reflection_pad1d aten::reflection_pad2d aten::repeat aten::replication_pad1d
+aten::replication_pad2d aten::rsqrt aten::rsub aten::scatter aten::scatter_add
+aten::scatter_add_ aten::scatter_reduce aten::scatter_reduce_ aten::sigmoid aten::silu
+aten::softmax aten::softplus aten::sqrt aten::std aten::std_mean aten::sub aten::sum aten::tanh
+aten::topk aten::tril aten::triu aten::unflatten aten::var aten::var_mean aten::where
+aten::zero_
 """.split())
 
 
-class _KeywordCall(nn.Module):
-    """Calls ``model(**dict(zip(keys, args)))``: fvcore traces positional inputs only."""
+class _Call(nn.Module):
+    """Calls ``model(*args[:n], **dict(zip(keys, args[n:])))`` and returns its output tensors as a
+    tuple: fvcore traces positional inputs only, and the JIT tracer returns tensors only (a
+    Hugging Face output holds a ``DynamicCache``)."""
 
-    def __init__(self, model: nn.Module, keys):
+    def __init__(self, model: nn.Module, n: int, keys):
         super().__init__()
-        self.model, self.keys = model, list(keys)
+        self.model, self.n, self.keys = model, n, list(keys)
 
     def forward(self, *args):
-        return self.model(**dict(zip(self.keys, args)))
+        return tuple(flat_tensors(self.model(*args[:self.n], **dict(zip(self.keys, args[self.n:])))))
 
 
 def _analysis(model: nn.Module, example_inputs: Any) -> FlopCountAnalysis:
     inputs, kwargs = as_call(example_inputs)
-    if kwargs:
-        model, inputs = _KeywordCall(model, kwargs.keys()), tuple(kwargs.values())
+    model, inputs = _Call(model, len(inputs), kwargs.keys()), tuple(inputs) + tuple(kwargs.values())
     fca = FlopCountAnalysis(model, inputs)
     fca.set_op_handle(**MAC_HANDLES)
     fca.set_op_handle(**{op: None for op in FREE_OPS})

@@ -8,6 +8,7 @@ split (a GLU's halves).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -19,7 +20,8 @@ from ..handlers.base import TensorSlice
 from .backend import Backend
 from .graph import ChannelGraph, SkippedGroup
 from .group import CoupledGroup, SliceItem
-from .ops import PRODUCT_OPS, op_name
+from .index_maps import channel_dim
+from .ops import PRODUCT_OPS, REDUCTIONS, op_name, reduced_dims
 
 __all__ = ["Refused", "make_group", "internal_groups", "shared_channel_merges"]
 
@@ -96,9 +98,22 @@ def _read_op(bk: Backend, node, idxs, root_idxs, out: _Reading) -> None:
         out.ops.append(type(mod).__name__.strip("_").split("Op")[0].split("_")[0])
         return
     out.ops.append(op_name(node.grad_fn) if node.grad_fn is not None else "Unknown")
+    if out.ops[-1] in REDUCTIONS and _reduces_channels(node):
+        out.exact = False
     span = facts.pad_span
     if span is not None:  # padded channels belong to no tensor: not prunable here
         out.pinned.update(r for i, r in zip(idxs, root_idxs) if not span[0] <= i < span[1])
+
+
+def _reduces_channels(node) -> bool:
+    """Does this reduction combine the channel dimension (a hand-written RMSNorm's mean of
+    squares)? An unknown dimension counts as yes: the group is then checked by shape."""
+    found = reduced_dims(node.grad_fn)
+    if found is None or not node.inputs:
+        return True
+    dims, rank = found
+    ch = channel_dim(node.inputs[0], rank)
+    return ch is None or ch in dims
 
 
 def _read_layer(bk: Backend, item, ignored: Set[nn.Module], units: str, out: _Reading) -> None:
@@ -208,7 +223,34 @@ def _assemble(r: _Reading, root_name: str, gid: int, graph: ChannelGraph, merges
             pos, index = s.index(local)
             owner, attr = owner_attr(e.owner, s.attr)
             items.append(SliceItem(owner, attr, s.dim, units[pos], index, e.module, e.role, local[pos]))
+    untied = tied_outside(graph.model, items)
+    if untied:
+        raise Refused(untied)
     return CoupledGroup(graph, gid, root_name, len(ordered), items, r.exact, sorted(set(r.ops)))
+
+
+def tied_outside(model: nn.Module, items: Sequence[SliceItem]) -> Optional[str]:
+    """A reason when a tensor the group cuts is shared (tied) with a module the group does not
+    cut: cutting it would untie them or leave the other module at the old width."""
+    names: Dict[int, List[str]] = {}
+    tensor_of: Dict[str, Any] = {}
+    for n, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), []).append(n)
+        tensor_of[n] = t
+    def place(name: str) -> Tuple[int, str]:   # one module reached under two names is one place
+        owner, _, attr = name.rpartition(".")
+        return id(model.get_submodule(owner) if owner else model), attr
+    cut = {f"{i.owner}.{i.attr}" if i.owner else i.attr for i in items}
+    cut_places = {place(n) for n in cut if n in tensor_of}
+    for n in sorted(cut):
+        if n not in tensor_of:
+            continue
+        outside = [m for m in names[id(tensor_of[n])] if place(m) not in cut_places]
+        if outside:
+            return (f"{n!r} is tied to {', '.join(map(repr, outside))}, which the group does not cut "
+                    "(the tie couples widths the trace sees as separate); untie them or prune the other side first")
+    return None
 
 
 def owner_attr(owner: str, attr: str) -> Tuple[str, str]:

@@ -21,7 +21,7 @@ import contextlib
 import contextvars
 import dataclasses
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -34,6 +34,7 @@ from torch_pruning.pruner import function as tp_function
 
 from ..handlers import get_handler, registered_handlers
 from ..handlers.base import LayerHandler
+from .inputs import flat_tensors
 
 __all__ = ["Backend", "NodeFacts", "build_backend"]
 
@@ -225,6 +226,12 @@ class _ShapeRecorder(TorchFunctionMode):
         return out
 
 
+def _traced_outputs(out: Any) -> List[torch.Tensor]:
+    # Every output tensor autograd reaches; caches and other objects (a Hugging Face
+    # ``DynamicCache``) are not outputs whose channels the cut must keep.
+    return [t for t in flat_tensors(out) if t.grad_fn is not None]
+
+
 def build_backend(model: nn.Module, example_inputs: Any, backend: Optional[Backend] = None) -> Backend:
     """Trace ``model`` with Torch-Pruning (inside ``backend.tolerant()``); record every node's shape."""
     backend = backend if backend is not None else Backend(tp.DependencyGraph())
@@ -233,7 +240,7 @@ def build_backend(model: nn.Module, example_inputs: Any, backend: Optional[Backe
         warnings.simplefilter("ignore")
         with recorder:
             backend.dg.build_dependency(model, example_inputs, customized_pruners=_leaf_pruners(model),
-                                        verbose=False)
+                                        output_transform=_traced_outputs, verbose=False)
     for node in backend.dg.module2node.values():
         if node.grad_fn in recorder.shapes:
             backend.facts(node).shape = recorder.shapes[node.grad_fn]

@@ -40,6 +40,16 @@ class SliceItem:
         return self.pairs
 
 
+@dataclasses.dataclass(frozen=True)
+class Counter:
+    """An int attribute ``owner.attr`` that the forward reads to shape its tensors (an
+    attention's ``num_heads``, ``split_size``): it drops by ``per_unit`` for every unit cut."""
+
+    owner: str
+    attr: str
+    per_unit: int
+
+
 def slice_sums(t: torch.Tensor, dim: int, norm: str = "l2") -> torch.Tensor:
     """``Tensor[t.shape[dim]]``: per index along ``dim``, ``Σ t²`` (``"l2"``) or ``Σ |t|`` (``"l1"``)
     over the other dims; the one place the coupled norms are summed (groups and ETPImportance)."""
@@ -70,7 +80,8 @@ class CoupledGroup:
     """
 
     def __init__(self, graph: "ChannelGraph", gid: int, root: str, size: int,
-                 items: List[SliceItem], exact: bool, ops: Sequence[str] = ()):
+                 items: List[SliceItem], exact: bool, ops: Sequence[str] = (),
+                 counters: Sequence[Counter] = ()):
         self._graph = graph
         self.id = gid
         self.root = root
@@ -81,6 +92,8 @@ class CoupledGroup:
         self.exact = exact
         #: non-parametric ops the group's channels flow through (names of autograd nodes)
         self.ops = tuple(ops)
+        #: attributes the forward reads that follow the number of units (found from the trace)
+        self.counters = tuple(counters)
 
     # ----------------------------------------------------------------------------------- info
     @property
@@ -191,25 +204,37 @@ class CoupledGroup:
             plan.setdefault((it.owner, it.attr), {}).setdefault(it.dim, set()).update(it.index[sel].tolist())
             if it.module is not None:
                 removed.setdefault((it.module, it.role), set()).update(it.channel[sel].tolist())
-        touched = {o for o, _ in plan} | {m for m, _ in removed}
+        touched = {o for o, _ in plan} | {m for m, _ in removed} | {c.owner for c in self.counters}
+        # a tensor shared by several modules (tied embeddings) is cut once and stays shared
+        shared: Dict[int, Tuple[torch.Tensor, Dict[int, set], List[Tuple[nn.Module, str]]]] = {}
+        for (owner, attr), dims in plan.items():
+            mod = _resolve(model, owner)
+            t = getattr(mod, attr)
+            entry = shared.setdefault(id(t), (t, {}, []))
+            for dim, drop in dims.items():
+                entry[1].setdefault(dim, set()).update(drop)
+            entry[2].append((mod, attr))
         with atomic(model, touched):
-            for (owner, attr), dims in plan.items():
-                mod = _resolve(model, owner)
-                t = getattr(mod, attr)
+            for t, dims, places in shared.values():
                 new = t.detach()
                 for dim, drop in dims.items():
                     keep = [i for i in range(new.shape[dim]) if i not in drop]
                     new = new.index_select(dim, torch.tensor(keep, dtype=torch.long, device=t.device))
-                if isinstance(t, nn.Parameter):
-                    setattr(mod, attr, nn.Parameter(new.clone(), requires_grad=t.requires_grad))
-                else:
-                    mod._buffers[attr] = new.clone()
+                new = nn.Parameter(new.clone(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new.clone()
+                for mod, attr in places:
+                    if isinstance(t, nn.Parameter):
+                        setattr(mod, attr, new)
+                    else:
+                        mod._buffers[attr] = new
             counts: Dict[str, Dict[str, int]] = {}
             for (mname, role), ch in removed.items():
                 counts.setdefault(mname, {})[role] = len(ch)
             for mname, c in counts.items():
                 mod = _resolve(model, mname)
                 get_handler(mod).refresh(mod, c)
+            for c in self.counters:
+                mod = _resolve(model, c.owner)
+                setattr(mod, c.attr, getattr(mod, c.attr) - c.per_unit * len(units))
 
     def _renumber(self, units: torch.Tensor) -> None:
         shift: Dict[Tuple[str, str, int], torch.Tensor] = {}

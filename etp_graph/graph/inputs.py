@@ -6,12 +6,12 @@ arguments) or a dict (keyword arguments), everywhere in the library.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["check_example_inputs", "as_call", "forward", "eval_mode"]
+__all__ = ["check_example_inputs", "as_call", "forward", "flat_tensors", "eval_mode"]
 
 
 def check_example_inputs(example_inputs: Any) -> None:
@@ -33,6 +33,19 @@ def forward(model: nn.Module, example_inputs: Any) -> Any:
     """Call ``model`` the way ``example_inputs`` says: Tensor, positional tuple/list, or kwargs dict."""
     args, kwargs = as_call(example_inputs)
     return model(*args, **kwargs)
+
+
+def flat_tensors(out: Any) -> List[torch.Tensor]:
+    """Every tensor of a model output (tensor, tuple/list, dict, dataclass-like ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flat_tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in flat_tensors(v)]
+    if hasattr(out, "to_tuple"):
+        return flat_tensors(out.to_tuple())
+    return []
 
 
 @contextlib.contextmanager

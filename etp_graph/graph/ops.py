@@ -9,8 +9,12 @@ uses, are in :mod:`etp_graph.counting`.
 from __future__ import annotations
 
 import re
+from typing import Optional, Tuple
 
-__all__ = ["HARMLESS_OPS", "PAD", "MAPPED_OPS", "PRODUCT_OPS", "DIM_MOVES", "COPIES", "op_name", "saved_dim"]
+import torch
+
+__all__ = ["HARMLESS_OPS", "PAD", "MAPPED_OPS", "PRODUCT_OPS", "REDUCTIONS", "DIM_MOVES", "COPIES", "op_name",
+           "saved_dim", "reduced_dims"]
 
 
 def _names(text: str) -> frozenset:
@@ -43,6 +47,17 @@ Baddbmm Bmm MatMul ScaledDotProductAttention ScaledDotProductEfficientAttention
 ScaledDotProductFlashAttentionForCpu
 """)
 
+#: Ops that combine the positions of the dimensions they reduce into statistics that a zero does
+#: not leave alone (a mean divides by the count, a max or softmax sees the zero): the statistics
+#: of a normalisation written by hand (RMSNorm's ``x.pow(2).mean(-1)``, ``rsqrt``), or the
+#: functional norms. Over the channel dimension they make masking differ from removal, so the
+#: group is checked by shape, as through an ``nn.LayerNorm``; over other dimensions they are
+#: harmless (a global average pool). ``Sum`` and vector norms are not here: a zero adds nothing.
+REDUCTIONS = _names("""
+Amax Amin Logsumexp LogSoftmax Max Mean Median Min NativeGroupNorm NativeLayerNorm Prod Softmax
+Std StdMean Var VarMean
+""")
+
 #: Ops that move dimensions: the channel dimension is unknown past them.
 DIM_MOVES = _names("Permute T Transpose")
 
@@ -63,3 +78,26 @@ def saved_dim(value: int, rank: int) -> int:
     if value >= 2 ** 63:
         value -= 2 ** 64
     return value % rank
+
+
+def reduced_dims(grad_fn) -> Optional[Tuple[Tuple[int, ...], int]]:
+    """``(dims, rank)`` that a :data:`REDUCTIONS` op combines, dims non-negative; ``None`` where
+    autograd saved neither (the caller treats that as "any dimension")."""
+    self_ = getattr(grad_fn, "_saved_self", getattr(grad_fn, "_saved_result", None))
+    sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    rank = self_.dim() if isinstance(self_, torch.Tensor) else (len(sizes) if sizes else None)
+    name = op_name(grad_fn)
+    if name == "NativeLayerNorm":
+        inp = getattr(grad_fn, "_saved_input", None)
+        n = len(getattr(grad_fn, "_saved_normalized_shape", ()))
+        return (tuple(range(inp.dim() - n, inp.dim())), inp.dim()) if inp is not None and n else None
+    if name == "NativeGroupNorm":
+        inp = getattr(grad_fn, "_saved_input", None)
+        return ((1,), inp.dim()) if inp is not None else None
+    if rank is None:
+        return None
+    dims = getattr(grad_fn, "_saved_dim", None)
+    if dims is None:                       # a reduction of everything (``x.mean()``)
+        return tuple(range(rank)), rank
+    dims = dims if isinstance(dims, tuple) else (dims,)
+    return tuple(saved_dim(d, rank) for d in dims) or tuple(range(rank)), rank

@@ -25,10 +25,12 @@ from ..handlers import get_handler
 from ..handlers.base import UNIT_KINDS
 from .assemble import Refused, internal_groups, make_group, shared_channel_merges
 from .backend import Backend, build_backend
+from .discover import find_attention
 from .graph import ChannelGraph, SkippedGroup, layer_graph
 from .index_maps import map_indices
 from .inputs import check_example_inputs, eval_mode, forward
-from .ops import HARMLESS_OPS, MAPPED_OPS, op_name
+from .ops import HARMLESS_OPS, MAPPED_OPS, REDUCTIONS, op_name
+from .shadow import shadow_run
 from .verify import check_group
 
 __all__ = ["trace", "TraceError"]
@@ -144,6 +146,26 @@ def _keep_internal(graph: ChannelGraph, name: str, m: nn.Module, example_inputs,
             graph.groups.append(group)
 
 
+def _keep_attention(graph: ChannelGraph, att, example_inputs) -> None:
+    """An attention found from the trace: the first bookkeeping attempt that verifies (always
+    verified: the attempts differ only in what the forward reads)."""
+    if att.reason:
+        graph.skipped.append(SkippedGroup(att.root, att.reason))
+        return
+    problems = []
+    for group in att.attempts:
+        group._graph, group.id = graph, len(graph.groups)
+        problem = check_group(graph.model, example_inputs, group)
+        if problem is None:
+            graph.groups.append(group)
+            return
+        problems.append(problem)
+    # the attempt that ran to the end says more than one whose forward broke on a stale count
+    ran = [p for p in problems if p.startswith("verification failed")]
+    graph.skipped.append(SkippedGroup(att.root, f"attention heads: {(ran or problems)[0]} (tried "
+                                                f"{len(att.attempts)} sets of attribute updates)"))
+
+
 def _keep_rooted(bk: Backend, graph: ChannelGraph, name: str, m: nn.Module, example_inputs,
                  ignored: Set[nn.Module], validate: bool, visited: Set[nn.Module], units: str) -> None:
     """The group rooted at ``m``'s output channels: kept, or skipped with the reason."""
@@ -164,7 +186,7 @@ def _keep_rooted(bk: Backend, graph: ChannelGraph, name: str, m: nn.Module, exam
     except Refused as r:
         graph.skipped.append(SkippedGroup(name, str(r)))
         return
-    unknown = [o for o in group.ops if o not in HARMLESS_OPS and o not in MAPPED_OPS]
+    unknown = [o for o in group.ops if o not in HARMLESS_OPS | MAPPED_OPS | REDUCTIONS]
     if validate:
         problem = check_group(graph.model, example_inputs, group)
         if problem:
@@ -186,8 +208,15 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
     model, dg = graph.model, bk.dg
     visited: Set[nn.Module] = set()
     roots = {id(m) for _, m in _root_modules(model, dg, ignored)}
+    names = {m: n for n, m in model.named_modules()}
+    found = {a.root: a for a in find_attention(shadow_run(model, example_inputs, names), model, graph, units,
+                                               ignored)}
+    for a in found.values():   # the attention's layers are rooted in its head group, not alone
+        visited.update(model.get_submodule(n) for n in a.layers)
     for name, m in model.named_modules():
         if m in dg.module2node and m not in ignored and get_handler(m) is not None:
             _keep_internal(graph, name, m, example_inputs, validate, units)
+        if name in found:
+            _keep_attention(graph, found[name], example_inputs)
         if id(m) in roots and m not in visited:
             _keep_rooted(bk, graph, name, m, example_inputs, ignored, validate, visited, units)

@@ -1,9 +1,12 @@
 """graph.verify: one mask-versus-prune experiment, typed mismatches, reasons that name the module."""
+import copy
+import dataclasses
+
 import torch
 from torch import nn
 
 import etp_graph as eg
-from etp_graph.graph.verify import check_group, compare, mask_and_prune
+from etp_graph.graph.verify import check_group, compare, experiment, mask_and_prune
 from graph_models import X8, chain
 
 
@@ -46,3 +49,38 @@ def test_a_cut_that_breaks_the_forward_is_a_reason_naming_the_module():
     assert "breaks the forward in '1' (FixedWidth)" in why and "fixed-size tensor" in why
     graph = eg.trace(m, torch.randn(1, 3, 4, 4), ignored_layers=[m[2]])
     assert graph.groups == [] and "breaks the forward in '1'" in graph.skipped[0].reason
+
+
+class _Sensitive(nn.Module):
+    """A network whose end amplifies round-off: ``sin(3e4 · z)`` turns float32's 1e-7 relative
+    error of ``z`` (the sums of a narrower matrix product run in another order) into 1e-3."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.Linear(16, 200), nn.Linear(200, 200), nn.Linear(200, 4)
+
+    def forward(self, x):
+        return torch.sin(3e4 * self.head(torch.relu(self.b(torch.relu(self.a(x))))))
+
+
+def test_round_off_is_not_mistaken_for_a_wrong_channel_map():
+    m, x = _Sensitive().eval(), torch.randn(8, 16)
+    g = eg.trace(m, x, ignored_layers=[m.head])
+    assert [(gr.root, gr.size, gr.exact) for gr in g.groups] == [("a", 200, True), ("b", 200, True)]
+    assert not g.skipped
+    # in float32 alone the experiment disagrees by more than any fixed tolerance would allow
+    a, b, _ = mask_and_prune(m, x, [(g.groups[0], [3, 50])])
+    assert compare(a, b, True).kind == "value"
+    why, pruned = experiment(m, x, [(g.groups[0], [3, 50])], True)
+    assert why is None and pruned.a.out_features == 198 and m.a.out_features == 200
+    assert m.a.weight.dtype == torch.float32                       # the user's model is untouched
+
+
+def test_a_wrong_map_still_fails_in_float64():
+    m, x = _Sensitive().eval(), torch.randn(8, 16)
+    g = eg.trace(m, x, ignored_layers=[m.head])
+    wrong = copy.copy(g.groups[0])     # the same slices with the units of b's rows shifted by one
+    wrong.items = [dataclasses.replace(s, index=(s.index + 1) % 200) if s.owner == "b" else s for s in wrong.items]
+    why, _ = experiment(m, x, [(wrong, [3, 50])], True)
+    assert why is not None and why.kind == "value"

@@ -1,0 +1,268 @@
+"""Attention found from the trace: head-structured groups built from the shadow run.
+
+The channels that matrix products bring together (:mod:`.shadow`) fall into connected
+components: one per head (q, k and v channels of one batch slice of the products), or per
+key/value head with the query heads that share it (grouped-query attention), together with
+what the scores were mixed with (T5's per-head relative position bias). The components that
+share layers are one attention; a unit is a component (``attention_units="heads"``) or one
+coordinate inside every head (``"head_dims"``: dimension ``j`` of q, k, v and of the output
+projection's columns, where q/k and v heads are equally wide and no rotary embedding pairs
+dimensions).
+
+The cut must also update what the forward of the attention module reads to shape its tensors
+(``split_size``, ``all_head_size``, ``num_heads`` …). Candidates are the int attributes that
+the host module (the one whose forward runs the products) read during the shadow run and whose
+value is one of the attention's counts (heads of a layer, its width, its head size). The engine
+tries the smallest sets of updates first and keeps the first with which the pruned model agrees
+with the masked one (mask-then-prune, by value): an attribute is changed only when the cut model
+needs it, so an unrelated one with an equal value (``layer_idx``) stays as it is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Dict, List, Optional, Set, Tuple
+
+import torch
+from torch import nn
+
+from ..handlers import get_handler
+from .group import Counter, CoupledGroup, SliceItem
+from .shadow import Shadows
+
+__all__ = ["Attention", "find_attention"]
+
+#: attempts at the bookkeeping (sets of attribute updates) verified per attention
+MAX_ATTEMPTS = 12
+
+
+@dataclasses.dataclass
+class Attention:
+    """One attention found in the trace, as groups to verify (one per bookkeeping attempt) or a
+    refusal."""
+
+    root: str                       # its first projection (where the group is reported)
+    layers: List[str]               # every layer with a slice in it
+    attempts: List[CoupledGroup]
+    reason: Optional[str] = None
+
+
+class _Union:
+    def __init__(self):
+        self.parent: Dict[int, int] = {}
+
+    def find(self, x: int) -> int:
+        root = x
+        while self.parent.setdefault(root, root) != root:
+            root = self.parent[root]
+        while x != root:
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def join(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _components(sh: Shadows) -> Tuple[_Union, Set[int]]:
+    uf = _Union()
+    in_products: Set[int] = set()
+    for p in sh.products:
+        in_products |= p.ids
+        for ids in p.slices:
+            first = int(ids[0])
+            for g in ids.tolist():
+                uf.join(first, g)
+    for pairs in sh.mixed:
+        for a, b in pairs.t().tolist():
+            if a in in_products or b in in_products:
+                uf.join(a, b)
+    return uf, in_products
+
+
+def find_attention(sh: Shadows, model: nn.Module, graph, units: str, ignored: Set[nn.Module]) -> List[Attention]:
+    """Every attention the shadow run saw, as :class:`Attention` records."""
+    uf, in_products = _components(sh)
+    heads: Dict[int, Set[int]] = {}
+    for g in in_products:
+        heads.setdefault(uf.find(g), set()).add(g)
+    joined = torch.tensor(sorted(uf.parent), dtype=torch.long)
+    # the layers and tables with an id in a head, and the readers' columns
+    touched: Dict[int, Set[str]] = {}
+    for s in sh.sources:
+        ids = joined[(joined >= s.base) & (joined < s.base + s.size)].tolist()
+        for r in {uf.find(g) for g in ids} & set(heads):
+            touched.setdefault(r, set()).add(s.name)
+    readers: Dict[int, Set[str]] = {}
+    for name, ids in sh.inputs.items():
+        for r in {uf.find(int(g)) for g in ids.tolist() if g >= 0} & set(heads):
+            readers.setdefault(r, set()).add(name)
+    # heads sharing a layer or a table form one attention
+    link, layer_key = _Union(), {}
+    for r in heads:
+        for n in touched.get(r, set()) | readers.get(r, set()):
+            link.join(r, layer_key.setdefault(n, -1 - len(layer_key)))
+    attentions: Dict[int, List[int]] = {}
+    for r in heads:
+        attentions.setdefault(link.find(r), []).append(r)
+    out = []
+    for comps in attentions.values():
+        comps = sorted(comps, key=lambda r: min(heads[r]))
+        found = _one(sh, model, graph, units, ignored, uf, comps, touched, readers)
+        if found is not None:
+            out.append(found)
+    return out
+
+
+def _one(sh, model, graph, units, ignored, uf, comps, touched, readers) -> Optional[Attention]:
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    names = set().union(*(touched.get(r, set()) for r in comps))
+    srcs = [s for s in sh.sources if s.name in names and s.module is not None]
+    tables = [s for s in sh.sources if s.name in names and s.module is None]
+    layer_names = sorted((s.name for s in srcs), key=order.__getitem__)
+    reader_names = sorted(set().union(*(readers.get(r, set()) for r in comps)), key=order.__getitem__)
+    if not layer_names:
+        return None
+    root = layer_names[0]
+    mods = {n: model.get_submodule(n) for n in layer_names + reader_names}
+    if any(m in ignored for m in mods.values()):
+        return None
+    layers = layer_names + [n for n in reader_names if n not in layer_names]
+
+    def refuse(why):
+        return Attention(root, layers, [], why)
+    comp_index = {r: u for u, r in enumerate(comps)}
+    for s in srcs:   # all of a layer's channels must be in this attention's heads
+        outside = [c for c in range(s.size) if uf.find(s.base + c) not in comp_index]
+        if outside:
+            return refuse(f"channels {outside[:6]} of {s.name!r} reach the attention's matrix products only "
+                          "partly (they are also used outside it)")
+    if not reader_names:
+        return refuse("the attention's output could not be followed to a layer (an op the shadow run does "
+                      "not know sits between them)")
+    for n in reader_names:
+        bad = [c for c, g in enumerate(sh.inputs[n].tolist()) if g < 0 or uf.find(g) not in comp_index]
+        if bad:
+            return refuse(f"input columns {bad[:6]} of {n!r} do not come from the attention's heads")
+    coords: Dict[int, int] = {}
+    for p in sh.products:
+        for g, j in p.coords.items():
+            coords.setdefault(g, j)
+    head_of = {s.name: _per_head(s, uf, comp_index) for s in tables}
+    head_of = {n: v for n, v in head_of.items() if v is not None}   # tables shared by the heads stay
+    if units == "heads":
+        def unit_of(g):
+            return comp_index[uf.find(g)]
+        size = len(comps)
+    else:
+        mine = [p for p in sh.products if p.ids and uf.find(next(iter(p.ids))) in comp_index]
+        why = _no_head_dims(sh, srcs, coords) or (
+            "scaled_dot_product_attention runs with its default scale 1/sqrt(head size), which a cut of "
+            "head dimensions would change (pass scale= explicitly)" if any(p.default_scale for p in mine) else None) or (
+            f"{next(iter(head_of))!r} holds one value per head, not head dimensions" if head_of else None)
+        if why:
+            return refuse(f"head_dims: {why}; use attention_units='heads'")
+        unit_of = coords.__getitem__
+        size = len({coords[g] for s in srcs for g in range(s.base, s.base + s.size)})
+    if size < 2:
+        return refuse("fewer than two prunable units")
+    items = []
+    for s in srcs:
+        local = torch.arange(s.size)
+        items += _items(s.name, s.module, "out", local, torch.tensor([unit_of(s.base + c) for c in range(s.size)]))
+    for n in reader_names:
+        cols = sh.inputs[n]
+        items += _items(n, mods[n], "in", torch.arange(len(cols)), torch.tensor([unit_of(int(g)) for g in cols]))
+    for name, found in head_of.items():
+        if isinstance(found, str):
+            return refuse(found)
+        dim, unit = found
+        owner, _, attr = name.rpartition(".")
+        n = torch.arange(len(unit))
+        items.append(SliceItem(owner, attr, dim, unit, n, None, "out", n))
+    mine = [p for p in sh.products if p.ids and uf.find(next(iter(p.ids))) in comp_index]
+    options = _bookkeeping(sh, mine, coords, size, units)
+    attempts = [CoupledGroup(graph, 0, root, size, [dataclasses.replace(i) for i in items], True, ["attention"],
+                             counters=list(c)) for c in options]
+    return Attention(root, layers, attempts)
+
+
+def _per_head(s, uf, comp_index):
+    """``(dim, unit per index)`` of a free tensor whose entries belong to the heads along one
+    dimension (a relative position bias table ``[buckets, heads]``, a per-head scale); ``None``
+    when it is not split between heads (a mask or table they all share); a reason otherwise."""
+    ids = torch.arange(s.base, s.base + s.size)
+    unit = torch.tensor([comp_index.get(uf.find(g), -1) if g in uf.parent else -1 for g in ids.tolist()])
+    unit = unit.view(s.shape)
+    if len(unit[unit >= 0].unique()) < 2:
+        return None
+    for dim in range(unit.dim()):
+        rows = unit.movedim(dim, 0).reshape(unit.shape[dim], -1)
+        if (rows == rows[:, :1]).all() and (rows[:, 0] >= 0).all():
+            return dim, rows[:, 0].clone()
+    return (f"{s.name!r} is a per-head table whose entries are not split between the heads along one "
+            "dimension; it cannot be cut with them")
+
+
+def _items(name, module, role, local, unit) -> List[SliceItem]:
+    out = []
+    for s in get_handler(module).slices(module, role):
+        pos, index = s.index(local)
+        owner, _, attr = s.attr.rpartition(".")
+        owner = f"{name}.{owner}" if owner else name
+        out.append(SliceItem(owner, attr, s.dim, unit[pos], index, name, role, local[pos]))
+    return out
+
+
+def _no_head_dims(sh, srcs, coords) -> Optional[str]:
+    missing = [s.name for s in srcs if any(s.base + c not in coords for c in range(s.size))]
+    if missing:
+        return f"{missing[0]!r} holds one value per head (a table of one entry per head), not head dimensions"
+    widths = {s.name: len({coords[s.base + c] for c in range(s.size)}) for s in srcs}
+    if len(set(widths.values())) > 1:
+        return f"the heads of {', '.join(f'{n!r} ({w})' for n, w in widths.items())} differ in size"
+    ours = {g for s in srcs for g in range(s.base, s.base + s.size)}
+    for pairs in sh.mixed:
+        for a, b in pairs.t().tolist():
+            if a in ours and b in ours and coords.get(a) != coords.get(b):
+                return (f"dimensions {coords.get(a)} and {coords.get(b)} of a head are mixed (a rotary "
+                        "embedding pairs them), so only whole heads can go")
+    return None
+
+
+def _bookkeeping(sh, products, coords, size, units) -> List[Tuple[Counter, ...]]:
+    """Sets of attribute updates to try, smallest first. The counts an attribute may stand for
+    are read from the products' operands: their channels (``H·d``) and heads (``H``) per layer."""
+    counts: Dict[int, Set[int]] = {}   # value → per-unit decrements it could stand for
+    for p in products:
+        for ids in (p.left, p.right):
+            ids = {g for g in ids if g in coords}
+            width = len({coords[g] for g in ids})
+            if not ids or not width:
+                continue
+            nheads = len(ids) // width
+            if units == "heads":
+                for value in (nheads, len(ids)):
+                    if value % size == 0:
+                        counts.setdefault(value, set()).add(value // size)
+            else:
+                counts.setdefault(width, set()).add(1)
+                counts.setdefault(len(ids), set()).add(nheads)
+    hosts = sorted({p.host for p in products if p.host is not None})
+    candidates: List[Tuple[Counter, ...]] = []   # one update of an attribute, in every host reading it
+    for attr in sorted({a for h in hosts for a in sh.reads.get(h, {})}):
+        values = {sh.reads[h][attr] for h in hosts if attr in sh.reads.get(h, {})}
+        if len(values) != 1:
+            continue
+        for per_unit in sorted(counts.get(values.pop(), ())):
+            candidates.append(tuple(Counter(h, attr, per_unit) for h in hosts if attr in sh.reads.get(h, {})))
+    options: List[Tuple[Counter, ...]] = []
+    for k in range(len(candidates) + 1):
+        for combo in itertools.combinations(candidates, k):
+            keys = [c[0].attr for c in combo]
+            if len(set(keys)) == len(keys):
+                options.append(tuple(c for cs in combo for c in cs))
+            if len(options) >= MAX_ATTEMPTS:
+                return options
+    return options

@@ -1,0 +1,401 @@
+"""The shadow run: which channels meet where, read from what the forward computes.
+
+A second forward of the model (no grad, eval mode) in which the output of every layer with
+channel slices (Linear, Hugging Face Conv1D, Embedding, convolutions) carries a *shadow*: an
+int64 tensor of the same shape holding, at each position, a global id of the channel there
+(``-1``: none). Then, per torch function called:
+
+* structural ops (views, reshapes, permutes, splits, chunks, unbinds, indexing, cats, expands,
+  repeats) are applied to the shadows exactly as to the tensors, so a shadow always says which
+  channel sits where, through any head split, fused q/k/v or grouped-query expansion;
+* element-wise ops pass the shadow on; where two shadows meet at one position (rotary
+  embeddings add ``q·cos`` and ``rotate_half(q)·sin``; T5 adds its per-head bias table to the
+  scores) the pair is recorded as *mixed*;
+* matrix products (``matmul``, ``bmm``, ``baddbmm``, ``scaled_dot_product_attention``) record
+  the channels they contract against each other (q dim ``j`` with k dim ``j``), the channels of
+  each batch slice (one head), and hand the right operand's column channels on (``P·v``);
+* the shadow reaching a layer's input is recorded (the output projection's columns).
+
+Modules with a handler run unobserved inside (their own ops are theirs), and the int attributes
+that modules without a handler read during their forward are recorded (the attention's head
+bookkeeping: ``num_heads``, ``head_dim``, ``split_size``, …). Nothing of the model is changed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..handlers import get_handler
+from .inputs import eval_mode, forward
+
+__all__ = ["Shadows", "shadow_run"]
+
+#: ops applied to the shadow as to the tensor
+STRUCTURAL = frozenset("""
+__getitem__ cat chunk concat concatenate contiguous clone expand expand_as flatten flip movedim
+narrow permute repeat repeat_interleave reshape reshape_as roll select split split_with_sizes
+squeeze stack swapaxes swapdims t tensor_split tile transpose unbind unflatten unsqueeze view
+view_as index_select
+""".split())
+#: ops that change dtype or device only: the shadow is unchanged
+CONVERSIONS = frozenset("to type float half double bfloat16 cpu cuda detach type_as requires_grad_".split())
+#: ops whose output holds new values of the input's shape, not its channels
+FRESH = frozenset("new_zeros new_ones new_empty new_full new_tensor __setitem__".split())
+#: matrix products between activations
+PRODUCTS = frozenset("matmul __matmul__ bmm baddbmm scaled_dot_product_attention".split())
+
+
+@dataclasses.dataclass
+class Source:
+    """A layer whose output channels carry ids ``base … base + size - 1``; or (``module`` None)
+    a free tensor (a parameter or buffer of a module without a handler: a per-head bias table, a
+    per-head scale) whose every element carries its own id, ``owner.attr``, of shape ``shape``."""
+
+    name: str
+    module: Optional[nn.Module]
+    base: int
+    size: int
+    channel_dim: int   # of its output
+    shape: Tuple[int, ...] = ()
+
+
+@dataclasses.dataclass
+class Product:
+    """One matrix product that shadowed tensors reach."""
+
+    host: Optional[str]                 # the innermost module (without a handler) running it
+    contracted: List[torch.Tensor]      # [2, K] id pairs meeting in the contraction
+    coords: Dict[int, int]              # id → its coordinate along the contracted / column dim
+    slices: List[torch.Tensor]          # per batch slice, the ids in it (one head)
+    dims: Tuple[int, int]               # (contracted length, column length of the right operand)
+    ids: Set[int] = dataclasses.field(default_factory=set)
+    left: Set[int] = dataclasses.field(default_factory=set)    # ids of each operand
+    #: ``scaled_dot_product_attention`` without ``scale``: its 1/√d follows the head size
+    default_scale: bool = False
+    right: Set[int] = dataclasses.field(default_factory=set)
+
+
+@dataclasses.dataclass
+class Shadows:
+    """What the shadow run saw."""
+
+    sources: List[Source]
+    products: List[Product]
+    mixed: List[torch.Tensor]                        # [2, K] id pairs meeting element-wise
+    inputs: Dict[str, torch.Tensor]                  # layer → id per input channel (-1: none)
+    reads: Dict[str, Dict[str, int]]                 # module → int attributes its forward read
+    unfollowed: Set[int]                             # ids that reached an op the run cannot follow
+
+    def source_of(self, gid: int) -> Optional[Source]:
+        for s in self.sources:
+            if s.base <= gid < s.base + s.size:
+                return s
+        return None
+
+
+def _pairs(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
+    """Unique ``[2, K]`` pairs of differing valid ids at equal positions."""
+    a, b = torch.broadcast_tensors(a, b)
+    keep = (a >= 0) & (b >= 0) & (a != b)
+    if not keep.any():
+        return None
+    return torch.unique(torch.stack([a[keep], b[keep]]), dim=1)
+
+
+def _mix_pairs(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
+    """Pairs of ids meeting element-wise, without linking across a broadcast: where one operand
+    has size 1 along a dim on which the other's channels differ (a mask shared by every head),
+    nothing is tied; where the other is the same along it (the batch), index 0 stands for all."""
+    rank = max(a.dim(), b.dim())
+    a = a.reshape((1,) * (rank - a.dim()) + tuple(a.shape))
+    b = b.reshape((1,) * (rank - b.dim()) + tuple(b.shape))
+    for d in range(rank):
+        if a.shape[d] == 1 or b.shape[d] == 1:
+            wide = b if a.shape[d] == 1 else a
+            if (wide != wide.narrow(d, 0, 1)).any():
+                return None   # one element meets several channels: shared, not tied to one
+            a, b = a.narrow(d, 0, 1), b.narrow(d, 0, 1)
+    return _pairs(a, b)
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, run: "_Run"):
+        super().__init__()
+        self.run = run
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.run.hidden == 0:
+            try:
+                self.run.step(func, args, kwargs, out)
+            except Exception:   # a shadow the run cannot follow: its ids are left alone
+                self.run.give_up(args, kwargs)
+        return out
+
+
+class _Run:
+    def __init__(self):
+        self.shadow: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}   # id(tensor) → (tensor, shadow)
+        self.hidden = 0          # > 0 inside a module with a handler
+        self.stack: List[str] = []
+        self.products: List[Product] = []
+        self.mixed: List[torch.Tensor] = []
+        self.unfollowed: Set[int] = set()
+
+    # ------------------------------------------------------------------------ bookkeeping
+    def get(self, t) -> Optional[torch.Tensor]:
+        if isinstance(t, torch.Tensor):
+            hit = self.shadow.get(id(t))
+            if hit is not None and hit[0] is t:
+                return hit[1]
+        return None
+
+    def put(self, t: torch.Tensor, s: torch.Tensor) -> None:
+        if isinstance(t, torch.Tensor) and isinstance(s, torch.Tensor) and s.shape == t.shape:
+            self.shadow[id(t)] = (t, s)
+
+    def give_up(self, args, kwargs) -> None:
+        for t in pytree.tree_leaves((args, kwargs)):
+            s = self.get(t)
+            if s is not None:
+                self.unfollowed.update(s[s >= 0].unique().tolist())
+
+    # ------------------------------------------------------------------------------ rules
+    def step(self, func, args, kwargs, out) -> None:
+        leaves = pytree.tree_leaves((args, kwargs))
+        shadows = [self.get(t) for t in leaves]
+        name = getattr(func, "__name__", "")
+        if all(s is None for s in shadows) or name in FRESH or name.endswith("_like") or not any(
+                isinstance(t, torch.Tensor) for t in pytree.tree_leaves(out)):
+            return   # sizes, dtypes, fresh tensors: nothing flows
+        if name in CONVERSIONS:
+            self.put(out, shadows[0] if shadows[0] is not None else next(s for s in shadows if s is not None))
+        elif name in STRUCTURAL:
+            self._structural(func, args, kwargs, out)
+        elif name in PRODUCTS:
+            self._product(name, args, kwargs, out)
+        elif isinstance(out, torch.Tensor) and out.is_floating_point() and self._elementwise(leaves, out):
+            self._merge(leaves, shadows, out)
+        else:
+            self.give_up(args, kwargs)
+
+    def _structural(self, func, args, kwargs, out) -> None:
+        def swap(t):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                return t
+            s = self.get(t)
+            return s if s is not None else torch.full(t.shape, -1, dtype=torch.long)
+        sargs, skw = pytree.tree_map(swap, (args, kwargs))
+        sout = func(*sargs, **skw)
+        for t, s in zip(pytree.tree_leaves(out), pytree.tree_leaves(sout)):
+            if isinstance(t, torch.Tensor) and isinstance(s, torch.Tensor) and (s >= 0).any():
+                self.put(t, s)
+
+    @staticmethod
+    def _elementwise(leaves, out) -> bool:
+        shapes = [t.shape for t in leaves if isinstance(t, torch.Tensor)]
+        try:
+            return torch.broadcast_shapes(*shapes) == out.shape
+        except RuntimeError:
+            return False
+
+    def _merge(self, leaves, shadows, out) -> None:
+        present = [s for s in shadows if s is not None]
+        first = present[0].expand(out.shape)
+        for i, other in enumerate(present[1:], 1):
+            for earlier in present[:i]:
+                p = _mix_pairs(earlier, other)
+                if p is not None:
+                    self.mixed.append(p)
+            first = torch.where(first >= 0, first, other.expand(out.shape))
+        self.put(out, first.clone())
+
+    def _product(self, name, args, kwargs, out) -> None:
+        if name == "scaled_dot_product_attention":
+            q, k, v = (kwargs.get(n, args[i] if len(args) > i else None) for i, n in enumerate(("query", "key", "value")))
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            self._sdpa(q, k, v, mask, kwargs.get("enable_gqa", False), out)
+            if kwargs.get("scale", args[6] if len(args) > 6 else None) is None:
+                for p in self.products[-2:]:
+                    p.default_scale = True
+            return
+        if name == "baddbmm":
+            a, b = (kwargs.get("batch1", args[1]), kwargs.get("batch2", args[2]))
+        else:
+            a, b = args[0], args[1]
+        self._matmul(a, b, out)
+
+    def _record(self, sa, sb, out_shadow, dims) -> None:
+        """The product of ``sa`` (..., n, k) and ``sb`` (..., k, m) (either may be None)."""
+        prod = Product(self.stack[-1] if self.stack else None, [], {}, [], dims)
+        batch = torch.broadcast_shapes(*(s.shape[:-2] for s in (sa, sb) if s is not None))
+        if sa is not None and sb is not None:
+            a0 = sa[..., 0, :].expand(*batch, sa.shape[-1])
+            b0 = sb[..., :, 0].expand(*batch, sb.shape[-2])
+            p = _pairs(a0, b0)
+            if p is not None:
+                prod.contracted.append(p)
+        if sa is not None:
+            a0 = sa[..., 0, :].expand(*batch, sa.shape[-1])
+            for j in range(a0.shape[-1]):
+                for g in a0[..., j].unique().tolist():
+                    if g >= 0:
+                        prod.coords.setdefault(g, j)
+        if sb is not None:
+            b0 = sb.expand(*batch, *sb.shape[-2:])
+            col = b0[..., 0, :]
+            row = b0[..., :, 0]
+            for j in range(row.shape[-1]):
+                for g in row[..., j].unique().tolist():
+                    if g >= 0:
+                        prod.coords.setdefault(g, j)
+            for j in range(col.shape[-1]):
+                for g in col[..., j].unique().tolist():
+                    if g >= 0 and g not in prod.coords:
+                        prod.coords[g] = j
+        for s, ids in ((sa, prod.left), (sb, prod.right)):
+            if s is not None:
+                ids.update(s[s >= 0].unique().tolist())
+        parts = [s.expand(*batch, *s.shape[-2:]).reshape(-1, s.shape[-2] * s.shape[-1]) for s in (sa, sb) if s is not None]
+        whole = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        for row in whole:
+            ids = row[row >= 0].unique()
+            if len(ids):
+                prod.slices.append(ids)
+                prod.ids.update(ids.tolist())
+        self.products.append(prod)
+        if out_shadow is not None:
+            self.put_if(out_shadow)
+
+    def put_if(self, pair) -> None:
+        t, s = pair
+        if (s >= 0).any():
+            self.put(t, s)
+
+    def _matmul(self, a, b, out) -> None:
+        sa, sb = self.get(a), self.get(b)
+        if (sa is not None and sa.dim() < 2) or (sb is not None and sb.dim() < 2) or out.dim() < 2:
+            self.give_up((a, b), {})
+            return
+        # the output takes the right operand's column channels (P·v), else the left one's rows
+        if sb is not None and (sb[..., :1, :] != sb[..., :1, :1]).any():
+            so = sb[..., :1, :].expand(out.shape)
+        elif sa is not None:
+            so = sa[..., :, :1].expand(out.shape)
+        else:
+            so = sb[..., :1, :].expand(out.shape)
+        k = a.shape[-1]
+        self._record(sa, sb, (out, so.clone()), (k, b.shape[-1]))
+
+    def _sdpa(self, q, k, v, mask, gqa, out) -> None:
+        sq, sk, sv = self.get(q), self.get(k), self.get(v)
+
+        def heads(s, like):
+            if s is None or not gqa or s.shape[-3] == like.shape[-3]:
+                return s
+            return s.repeat_interleave(like.shape[-3] // s.shape[-3], dim=-3)
+        sk, sv = heads(sk, q), heads(sv, q)
+        skt = sk.transpose(-1, -2) if sk is not None else None
+        self._record(sq, skt, None, (q.shape[-1], k.shape[-2]))
+        score = None
+        if sk is not None:
+            score = sk[..., :, :1].transpose(-1, -2).expand(*sk.shape[:-2], q.shape[-2], sk.shape[-2])
+            sm = self.get(mask)
+            if sm is not None:   # a per-head bias in the mask (T5's relative positions) goes with its head
+                p = _mix_pairs(score, sm)
+                if p is not None:
+                    self.mixed.append(p)
+        so = sv[..., :1, :].expand(out.shape).clone() if sv is not None else None
+        self._record(score, sv, (out, so) if so is not None else None, (k.shape[-2], v.shape[-1]))
+
+
+def shadow_run(model: nn.Module, example_inputs: Any, names: Dict[nn.Module, str]) -> Shadows:
+    """Run ``model`` once on ``example_inputs`` with shadows (see the module docstring)."""
+    run = _Run()
+    sources: List[Source] = []
+    by_module: Dict[int, Source] = {}
+    inputs: Dict[str, torch.Tensor] = {}
+    reads: Dict[str, Dict[str, int]] = {}
+    hooks, swapped = [], []
+    base = 0
+
+    def pre(m, args, kwargs):
+        name = names.get(m, "")
+        h = get_handler(m)
+        if h is not None:
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            s = run.get(x)
+            if s is not None and run.hidden == 0 and s.dim() >= 2:
+                dim = -1 if (h.channel_last or s.dim() == 2) else 1
+                idx = s.movedim(dim, -1).reshape(-1, s.shape[dim])
+                inputs.setdefault(name, idx[0].clone())
+            run.hidden += 1
+        else:
+            run.stack.append(name)
+
+    def post(m, args, kwargs, out):
+        h = get_handler(m)
+        if h is None:
+            run.stack.pop()
+            return
+        run.hidden -= 1
+        src = by_module.get(id(m))
+        if run.hidden == 0 and src is not None and isinstance(out, torch.Tensor) and out.dim() >= 1:
+            dim = src.channel_dim if out.dim() >= 2 else 0
+            if out.shape[dim] == src.size:
+                ids = torch.arange(src.base, src.base + src.size).view([-1 if d == dim % out.dim() else 1 for d in range(out.dim())])
+                run.put(out, ids.expand(out.shape).clone())
+
+    for name, m in model.named_modules():
+        h = get_handler(m)
+        if h is not None and h.can_root:
+            try:
+                size = h.num_channels(m, "out")
+            except Exception:
+                size = None
+            if size:
+                src = Source(name, m, base, int(size), -1 if h.channel_last else 1)
+                sources.append(src)
+                by_module[id(m)] = src
+                base += int(size)
+        hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        hooks.append(m.register_forward_hook(post, with_kwargs=True))
+        if h is None:
+            for attr, t in itertools.chain(m.named_parameters(recurse=False), m.named_buffers(recurse=False)):
+                if t is None or not t.is_floating_point() or run.get(t) is not None or not t.numel():
+                    continue
+                sources.append(Source(f"{name}.{attr}" if name else attr, None, base, t.numel(), 0, tuple(t.shape)))
+                run.put(t, torch.arange(base, base + t.numel()).view(t.shape))
+                base += t.numel()
+        if h is None and not isinstance(m, torch.jit.ScriptModule):
+            try:
+                m.__class__ = _reading_class(type(m), reads.setdefault(name, {}))
+            except TypeError:   # a class that cannot be subclassed here: its reads are not seen
+                continue
+            swapped.append((m, m.__class__.__mro__[1]))
+    try:
+        with eval_mode(model), torch.no_grad(), _Mode(run):
+            forward(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, cls in swapped:
+            m.__class__ = cls
+    return Shadows(sources, run.products, run.mixed, inputs, {k: v for k, v in reads.items() if v}, run.unfollowed)
+
+
+def _reading_class(cls: type, seen: Dict[str, int]) -> type:
+    """A subclass of ``cls`` that notes the int attributes read from the instance into ``seen``."""
+    def __getattribute__(self, attr):
+        value = cls.__getattribute__(self, attr)
+        if type(value) is int and not attr.startswith("__"):
+            seen.setdefault(attr, value)
+        return value
+    return type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__})

@@ -1,0 +1,236 @@
+"""Attention found from the trace (graph.shadow + graph.discover): hand-written attentions that
+no handler claims, with their head counts under names the engine has never seen."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import etp_graph as eg
+from etp_graph.testing import assert_prune_equivalent
+
+B, T, C = 2, 6, 32
+
+
+class Block(nn.Module):
+    """x + attn(x), then a head; the attention is one of the variants below."""
+
+    def __init__(self, attn):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.attn, self.head = nn.Linear(8, C), attn, nn.Linear(C, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.head(h + self.attn(h))
+
+
+class Separate(nn.Module):
+    """q, k, v, o as four Linears, SDPA; the head count lives in ``self.n_h``."""
+
+    def __init__(self, n_h=4):
+        super().__init__()
+        self.n_h, self.d = n_h, C // n_h
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(C, C) for _ in range(4))
+
+    def forward(self, x):
+        split = lambda t: t.view(B, T, self.n_h, self.d).transpose(1, 2)  # noqa: E731
+        y = F.scaled_dot_product_attention(split(self.wq(x)), split(self.wk(x)), split(self.wv(x)))
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_h * self.d))
+
+
+class Fused(nn.Module):
+    """One fused projection, reshape → permute → unbind, eager softmax(q·kᵀ)·v; the head count
+    in ``self.groups_of_heads`` and the width in ``self.width``."""
+
+    def __init__(self, heads=4):
+        super().__init__()
+        self.groups_of_heads, self.width = heads, C
+        self.packed, self.out = nn.Linear(C, 3 * C), nn.Linear(C, C)
+
+    def forward(self, x):
+        q, k, v = self.packed(x).reshape(B, T, 3, self.groups_of_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        att = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)
+        return self.out((att @ v).transpose(1, 2).reshape(B, T, self.width))
+
+
+class GQA(nn.Module):
+    """4 query heads share 2 key/value heads (``repeat_kv``-style expand + reshape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_heads, self.kv_heads, self.hd = 4, 2, 8
+        self.q, self.k, self.v = nn.Linear(C, 32), nn.Linear(C, 16), nn.Linear(C, 16)
+        self.o = nn.Linear(32, C)
+
+    def forward(self, x):
+        q = self.q(x).view(B, T, -1, self.hd).transpose(1, 2)
+        k, v = (p(x).view(B, T, -1, self.hd).transpose(1, 2) for p in (self.k, self.v))
+        rep = self.q_heads // self.kv_heads
+        k, v = (t[:, :, None].expand(B, t.shape[1], rep, T, self.hd).reshape(B, -1, T, self.hd) for t in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _rotate_half(x):
+    a, b = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-b, a), dim=-1)
+
+
+class Rotary(Separate):
+    """LLaMA-style rotary embeddings on q and k: dims j and j + d/2 are mixed."""
+
+    def forward(self, x):
+        split = lambda t: t.view(B, T, self.n_h, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.wq(x)), split(self.wk(x)), split(self.wv(x))
+        pos = torch.arange(T)[:, None] * torch.arange(1, q.shape[-1] // 2 + 1)[None] / 10
+        cos, sin = torch.cat([pos.cos()] * 2, -1), torch.cat([pos.sin()] * 2, -1)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class TableBias(Separate):
+    """A per-head relative position bias table ``[2T-1, heads]`` (Swin's layout), indexed and
+    added to the scores, and a causal mask buffer all heads share."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(2 * T - 1, self.n_h))
+        self.register_buffer("index", torch.arange(T)[:, None] - torch.arange(T)[None] + T - 1)
+        self.register_buffer("mask", torch.full((T, T), -1e4).triu(1))
+
+    def forward(self, x):
+        split = lambda t: t.view(B, T, self.n_h, self.d).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.wq(x)), split(self.wk(x)), split(self.wv(x))
+        bias = self.table[self.index.flatten()].view(T, T, -1).permute(2, 0, 1)
+        att = (q @ k.transpose(-2, -1) * self.d ** -0.5 + bias + self.mask).softmax(-1)
+        return self.wo((att @ v).transpose(1, 2).reshape(B, T, -1))
+
+
+X = torch.randn(B, T, 8)
+
+
+def _attention(model, units="heads"):
+    g = eg.trace(model, X, ignored_layers=[model.head], attention_units=units)
+    att = [gr for gr in g.groups if "attention" in gr.ops]
+    return g, att
+
+
+class Scaled(Separate):
+    """``Separate`` with the softmax scale fixed at construction (as Hugging Face passes it)."""
+
+    def forward(self, x):
+        split = lambda t: t.view(B, T, self.n_h, self.d).transpose(1, 2)  # noqa: E731
+        y = F.scaled_dot_product_attention(split(self.wq(x)), split(self.wk(x)), split(self.wv(x)), scale=8 ** -0.5)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_h * self.d))
+
+
+@pytest.mark.parametrize("attn, units, heads, dims, counters", [
+    (Separate, "heads", 4, 8, [("n_h", 1)]),
+    (Fused, "heads", 4, 8, [("groups_of_heads", 1), ("width", 8)]),
+    (Scaled, "head_dims", 4, 8, [("d", 1)]),
+], ids=["separate", "fused", "head_dims"])
+def test_heads_found_from_the_trace(attn, units, heads, dims, counters):
+    m = Block(attn())
+    g, att = _attention(m, units)
+    assert not g.skipped, g.skipped
+    (a,) = att
+    assert a.size == (heads if units == "heads" else dims) and a.exact
+    assert sorted((c.attr, c.per_unit) for c in a.counters) == counters
+    checks = assert_prune_equivalent(m, X, ignored_layers=[m.head], attention_units=units)
+    assert all(c.checked == "values" for c in checks if c.root == a.root)
+    before = m.attn.wo.in_features if hasattr(m.attn, "wo") else m.attn.out.in_features
+    a.prune([0, a.size - 1])
+    after = m.attn.wo.in_features if hasattr(m.attn, "wo") else m.attn.out.in_features
+    assert after == before - 2 * (dims if units == "heads" else heads)
+    assert m(X).shape == (B, T, 3)
+
+
+def test_fused_projection_rows_of_one_head_are_its_q_k_and_v():
+    m = Block(Fused())
+    _, (a,) = _attention(m)
+    rows = {i.owner: i for i in a.items if i.role == "out" and i.attr == "weight"}["attn.packed"]
+    head0 = sorted(rows.index[rows.unit == 0].tolist())
+    assert head0 == list(range(0, 8)) + list(range(32, 40)) + list(range(64, 72))
+
+
+def test_grouped_query_attention_unit_is_a_kv_head_with_its_query_heads():
+    m = Block(GQA())
+    _, (a,) = _attention(m)
+    assert a.size == 2
+    q = next(i for i in a.items if i.owner == "attn.q" and i.attr == "weight")
+    k = next(i for i in a.items if i.owner == "attn.k" and i.attr == "weight")
+    assert sorted(q.index[q.unit == 0].tolist()) == list(range(16))   # query heads 0 and 1
+    assert sorted(k.index[k.unit == 0].tolist()) == list(range(8))    # key/value head 0
+    assert_prune_equivalent(m, X, ignored_layers=[m.head])
+    a.prune([1])
+    assert (m.attn.q.out_features, m.attn.k.out_features, m.attn.o.in_features) == (16, 8, 16)
+    assert m(X).shape == (B, T, 3)
+
+
+def test_rotary_embeddings_offer_whole_heads_only_with_the_reason():
+    m = Block(Rotary())
+    _, (a,) = _attention(m, "heads")
+    assert a.size == 4
+    assert_prune_equivalent(m, X, ignored_layers=[m.head])
+    g, att = _attention(m, "head_dims")
+    assert not att
+    (why,) = [s.reason for s in g.skipped if s.root == "attn.wq"]
+    assert "rotary" in why and "attention_units='heads'" in why
+
+
+def test_per_head_table_is_cut_with_its_head_and_a_shared_mask_is_not():
+    m = Block(TableBias())
+    g, (a,) = _attention(m)
+    assert a.size == 4 and not g.skipped
+    (table,) = [i for i in a.items if i.attr == "table"]
+    assert table.owner == "attn" and table.dim == 1 and table.unit.tolist() == [0, 1, 2, 3]
+    assert not [i for i in a.items if i.attr == "mask"]
+    assert_prune_equivalent(m, X, ignored_layers=[m.head])
+    a.prune([2])
+    assert m.attn.table.shape == (2 * T - 1, 3) and m.attn.mask.shape == (T, T) and m(X).shape == (B, T, 3)
+    g, att = _attention(m, "head_dims")
+    assert not att and "one value per head" in next(s.reason for s in g.skipped if s.root == "attn.wq")
+
+
+def test_the_cut_updates_only_the_attributes_the_forward_needs():
+    class Unused(Separate):
+        def __init__(self):
+            super().__init__()
+            self.layer_idx = 4     # equal to the head count, read in the forward, not a count
+
+        def forward(self, x):
+            assert self.layer_idx == 4
+            return super().forward(x)
+
+    m = Block(Unused())
+    _, (a,) = _attention(m)
+    a.prune([1])
+    assert m.attn.layer_idx == 4 and m.attn.n_h == 3 and m(X).shape == (B, T, 3)
+    # n_h: the forward's view needs it; the head size d stays
+    assert [(c.attr, c.per_unit) for c in a.counters] == [("n_h", 1)]
+
+
+@pytest.mark.parametrize("attn, why", [(Separate, "default scale"), (Fused, "differs between masking and pruning")])
+def test_head_dims_that_change_the_softmax_scale_are_refused(attn, why):
+    m = Block(attn())
+    g, att = _attention(m, "head_dims")
+    assert not att and why in g.skipped[0].reason
+
+
+def test_an_attention_the_trace_cannot_complete_is_refused_with_a_reason():
+    class Einsum(Separate):   # an op the shadow run does not follow
+        def forward(self, x):
+            split = lambda t: t.view(B, T, self.n_h, self.d).transpose(1, 2)  # noqa: E731
+            q, k, v = split(self.wq(x)), split(self.wk(x)), split(self.wv(x))
+            att = torch.einsum("bhtd,bhsd->bhts", q, k).softmax(-1)
+            return self.wo(torch.einsum("bhts,bhsd->bhtd", att, v).transpose(1, 2).reshape(B, T, C))
+
+    m = Block(Einsum())
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    g = eg.trace(m, X, ignored_layers=[m.head])
+    assert not [gr for gr in g.groups if "attention" in gr.ops]
+    assert any(s.root.startswith("attn.w") for s in g.skipped)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())

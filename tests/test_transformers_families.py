@@ -1,0 +1,118 @@
+"""Transformers as the installed ``transformers`` writes them (random weights, small configs of
+our own): attention found from the trace, every returned group exact, coverage of the layers,
+a LLaMA-architecture model pruned to 2× MACs that generates the tokens its masked twin does."""
+import copy
+
+import pytest
+import torch
+
+import etp_graph as eg
+from etp_graph.testing import assert_prune_equivalent
+
+T = pytest.importorskip("transformers")
+
+
+def _build(name):
+    torch.manual_seed(0)
+    small = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    if name == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32,
+                                              bos_token_id=0, eos_token_id=0)), "lm_head", 4
+    if name == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, vocab_size=100, **small)), "lm_head", 2
+    if name == "qwen2":
+        return T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=2, vocab_size=100, **small)), "lm_head", 2
+    if name == "roberta":
+        return T.RobertaForSequenceClassification(T.RobertaConfig(vocab_size=100, **small)), "classifier.out_proj", 4
+    if name == "distilbert":
+        return T.DistilBertForSequenceClassification(T.DistilBertConfig(n_layers=2, dim=64, hidden_dim=128,
+                                                                        n_heads=4, vocab_size=100)), "classifier", 4
+    if name == "vit":
+        return T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, **small)), "classifier", 4
+    raise KeyError(name)
+
+
+def _inputs(name):
+    g = torch.Generator().manual_seed(1)
+    if name == "vit":
+        return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+    return {"input_ids": torch.randint(0, 100, (2, 8), generator=g)}
+
+
+FAMILIES = ["gpt2", "llama", "qwen2", "roberta", "distilbert", "vit"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_attention_heads_found_and_every_group_exact(name):
+    model, head, units = _build(name)
+    model.eval()
+    x, head = _inputs(name), model.get_submodule(head)
+    graph = eg.trace(model, x, ignored_layers=[head])
+    assert not graph.skipped, graph.skipped
+    att = [g for g in graph.groups if "attention" in g.ops]
+    assert len(att) == 2 and all(g.size == units for g in att)   # one per layer: heads (kv heads for GQA)
+    # 95 %+ of the Linear / Conv1D layers outside the head have their outputs in a group
+    layers = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D") and m is not head]
+    rows = {i.owner for g in graph.groups for i in g.items
+            if i.attr == "weight" and i.dim == (1 if type(model.get_submodule(i.owner)).__name__ == "Conv1D" else 0)}
+    assert sum(n in rows for n in layers) >= 0.95 * len(layers), sorted(set(layers) - rows)
+    checks = assert_prune_equivalent(model, x, ignored_layers=[head])
+    assert {c.root for c in checks if c.checked == "values"} >= {g.root for g in att}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "vit", "distilbert"])
+def test_head_dims_where_the_forward_allows_them(name):
+    model, head, _ = _build(name)
+    model.eval()
+    x, head = _inputs(name), model.get_submodule(head)
+    graph = eg.trace(model, x, ignored_layers=[head], attention_units="head_dims")
+    att = [g for g in graph.groups if "attention" in g.ops]
+    assert len(att) == 2 and all(g.size == 16 for g in att), graph.skipped
+    assert_prune_equivalent(model, x, ignored_layers=[head], attention_units="head_dims")
+
+
+def test_rotary_models_refuse_head_dims_with_the_reason():
+    model, head, _ = _build("llama")
+    graph = eg.trace(model.eval(), _inputs("llama"), ignored_layers=[model.lm_head], attention_units="head_dims")
+    reasons = [s.reason for s in graph.skipped if "self_attn" in s.root]
+    assert len(reasons) == 2 and all("rotary" in r for r in reasons)
+
+
+def test_gpt2_split_size_follows_the_cut():
+    model, _, _ = _build("gpt2")
+    model.eval()
+    graph = eg.trace(model, _inputs("gpt2"), ignored_layers=[model.lm_head])
+    att = next(g for g in graph.groups if g.root == "transformer.h.0.attn.c_attn")
+    assert [(c.owner, c.attr, c.per_unit) for c in att.counters] == [("transformer.h.0.attn", "split_size", 16)]
+    att.prune([1, 3])
+    a = model.transformer.h[0].attn
+    assert (a.split_size, a.c_attn.nf, a.c_attn.weight.shape, a.c_proj.weight.shape) == (32, 96, (64, 96), (32, 64))
+    assert model(**_inputs("gpt2")).logits.shape == (2, 8, 100)
+    # the tied input and output embeddings stay one tensor through a cut of the hidden width
+    width = next(g for g in graph.groups if g.root == "transformer.wte")
+    width.prune([0, 5])
+    assert model.lm_head.weight is model.transformer.wte.weight and model.lm_head.weight.shape == (100, 62)
+
+
+def test_llama_pruned_to_2x_generates_what_its_masked_twin_generates():
+    model, _, _ = _build("llama")
+    model.eval()
+    x = _inputs("llama")
+    # the hidden width passes RMSNorms (masking differs from removal there): keep it, cut heads and MLPs
+    ignored = [model.lm_head, model.model.embed_tokens]
+    pruner = eg.ETPPruner(model, x, ignored_layers=ignored, target_speedup=2.0)
+    (plan,) = pruner.path([2.0])
+    for g in pruner.graph.groups:   # a key/value head (with its query heads) goes in every layer too
+        if "attention" in g.ops and not plan.removed.get(g.id):
+            plan.removed[g.id] = [0]
+    masked = copy.deepcopy(model)
+    for g in pruner.graph.groups:
+        drop = plan.removed.get(g.id, [])
+        if drop:
+            g.zero_(drop, model=masked)
+    report = pruner.step(plan=plan)
+    assert report.speedup >= 1.95
+    assert [a.k_proj.out_features for a in (layer.self_attn for layer in model.model.layers)] == [16, 16]
+    prompt = x["input_ids"][:1, :4]
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, **kw), masked.generate(prompt, **kw))
