@@ -1,6 +1,10 @@
-"""Attention with separate q/k/v projections whose forward reads the sizes it is given:
-Hugging Face BERT-style blocks and Informer / Time-Series-Library ``AttentionLayer``. Only their
-bookkeeping changes after a cut (see :mod:`.attention` for the anatomy and the unit kinds)."""
+"""Attention with separate q/k/v projections whose forward reads the sizes it is given: the
+Informer / Time-Series-Library ``AttentionLayer`` (its ProbSparse inner attention samples keys
+at random, which the trace cannot follow). Only its bookkeeping changes after a cut (see
+:mod:`.attention` for the anatomy and the unit kinds).
+
+Hugging Face attention (BERT, RoBERTa, MiniLM, GPT-2, LLaMA, ViT, T5, DistilBERT …) has no
+handler: its heads are found from the trace (:mod:`etp_graph.graph.discover`)."""
 from __future__ import annotations
 
 import math
@@ -8,63 +12,9 @@ import math
 from torch import nn
 
 from .base import TensorSlice, register_handler
-from .heads import HeadedAttention, Layout, fit_linears, get_dotted
+from .heads import HeadedAttention, Layout, fit_linears
 
-__all__ = ["BertAttentionHandler", "ProjectionAttentionHandler"]
-
-
-# ---------------------------------------------------- Hugging Face BERT-style attention
-@register_handler
-class BertAttentionHandler(HeadedAttention):
-    """``BertAttention``-shaped blocks (BERT, RoBERTa, MiniLM …): ``self.query/key/value`` →
-    heads → ``output.dense`` → ``output.LayerNorm(dense + input)``. The hidden residual inside
-    ties input channel ``c`` to output channel ``c``: one role. The forward infers the head count
-    (``view(…, -1, attention_head_size)``) and keeps ``scaling``, so only the sizes change."""
-
-    module_types = ()
-    couples_in_out = True
-    exact_when_masked = False   # the LayerNorm over the hidden width
-
-    def matches(self, m):
-        s, o = getattr(m, "self", None), getattr(m, "output", None)
-        return (isinstance(s, nn.Module) and isinstance(o, nn.Module)
-                and all(isinstance(getattr(s, n, None), nn.Linear) for n in ("query", "key", "value"))
-                and isinstance(getattr(s, "num_attention_heads", None), int)
-                and isinstance(getattr(s, "attention_head_size", None), int)
-                and isinstance(getattr(o, "dense", None), nn.Linear)
-                and isinstance(getattr(o, "LayerNorm", None), nn.LayerNorm))
-
-    def observe(self, m, args, kwargs, output):
-        m._etp_cross = kwargs.get("encoder_hidden_states") is not None
-
-    def unsupported(self, m, role, units: str = "heads"):
-        if getattr(m, "_etp_cross", False):
-            return f"{type(m).__name__} is used as cross attention; its hidden width is not pruned through it"
-        return None
-
-    def layout(self, m):
-        s = m.self
-        return Layout(s.num_attention_heads, s.attention_head_size,
-                       tuple((f"self.{n}.weight", f"self.{n}.bias", 0) for n in ("query", "key", "value")),
-                       "output.dense.weight")
-
-    def slices(self, m, role, units: str = "heads"):
-        out = [TensorSlice(f"self.{n}.weight", 1) for n in ("query", "key", "value")]
-        out += [TensorSlice("output.dense.weight", 0)]
-        for n in ("output.dense.bias", "output.LayerNorm.weight", "output.LayerNorm.bias"):
-            if get_dotted(m, n) is not None:
-                out.append(TensorSlice(n, 0))
-        return out
-
-    def set_sizes(self, m, heads, head_dim):
-        s = m.self
-        s.num_attention_heads, s.attention_head_size = heads, head_dim
-        s.all_head_size = heads * head_dim
-        fit_linears(m, ["self.query", "self.key", "self.value", "output.dense"])
-        m.output.LayerNorm.normalized_shape = (m.output.LayerNorm.weight.shape[0],)
-
-    def num_channels(self, m, role):
-        return m.output.dense.out_features
+__all__ = ["ProjectionAttentionHandler"]
 
 
 # ------------------------------------------- Informer / Time-Series-Library AttentionLayer
