@@ -71,9 +71,9 @@ MAC_HANDLES: Dict[str, Callable] = {
 #: reductions, index and scatter ops. A test keeps this list disjoint from fvcore's own.
 FREE_OPS = tuple("""
 aten::_pad_circular aten::abs aten::adaptive_avg_pool1d aten::add aten::add_ aten::amax
-aten::amin aten::avg_pool2d aten::circular_pad1d aten::circular_pad2d aten::clone aten::cumsum
-aten::div aten::elu aten::embedding aten::exp aten::expand_as aten::fill_ aten::gelu
-aten::gelu_ aten::glu aten::hardswish aten::hardtanh aten::im2col aten::index_add_
+aten::amin aten::avg_pool2d aten::circular_pad1d aten::circular_pad2d aten::clone aten::cos
+aten::cumsum aten::div aten::elu aten::embedding aten::exp aten::expand_as aten::fill_
+aten::gelu aten::gelu_ aten::glu aten::hardswish aten::hardtanh aten::im2col aten::index_add_
 aten::index_select aten::leaky_relu aten::log_softmax aten::logsumexp aten::lt
 aten::masked_fill_ aten::max_pool1d aten::max_pool2d aten::max_pool2d_with_indices
 aten::max_pool3d aten::mean aten::mul aten::mul_ aten::ne aten::neg aten::new_ones
@@ -81,9 +81,9 @@ aten::numpy_T aten::ones_like aten::pad aten::pow aten::prelu aten::randint
 aten::reflection_pad1d aten::reflection_pad2d aten::repeat aten::replication_pad1d
 aten::replication_pad2d aten::rsqrt aten::rsub aten::scatter aten::scatter_add
 aten::scatter_add_ aten::scatter_reduce aten::scatter_reduce_ aten::sigmoid aten::silu
-aten::softmax aten::softplus aten::sqrt aten::std aten::std_mean aten::sub aten::sum aten::tanh
-aten::topk aten::tril aten::triu aten::unflatten aten::var aten::var_mean aten::where
-aten::zero_
+aten::sin aten::softmax aten::softplus aten::sqrt aten::std aten::std_mean aten::sub aten::sum
+aten::tanh aten::topk aten::tril aten::triu aten::unflatten aten::var aten::var_mean
+aten::where aten::zero_
 """.split())
 
 

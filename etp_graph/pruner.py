@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from .counting import count_macs, count_params, measure_latency as _measure_latency
 from .graph import CoupledGroup, trace
 from .graph.atomic import Snapshot
+from .hf import is_hf_model, sync_config
 from .importance import removal_order
 from .torque import ETPConfig, Regularizer, make_regularizer
 
@@ -51,6 +53,9 @@ class PruneReport:
     groups: List[GroupResult]
     latency_before: Optional[Dict[str, float]] = None
     latency_after: Optional[Dict[str, float]] = None
+    #: Hugging Face models: why ``model.config`` could not be made to describe the pruned model
+    #: (``None``: it was, or nothing needed it; see :func:`etp_graph.hf.sync_config`)
+    config_note: Optional[str] = None
 
     @property
     def speedup(self) -> float:
@@ -87,6 +92,8 @@ class PruneReport:
         lines.append(f"units kept: {kept}/{total} in {len(self.groups)} groups")
         lines += [f"  {g.root}: {g.units_before} -> {g.units_after}" for g in self.groups
                   if g.units_after != g.units_before]
+        if self.config_note:
+            lines.append(f"model.config not updated: {self.config_note}")
         return "\n".join(lines)
 
 
@@ -117,6 +124,10 @@ class ETPPruner:
     reaches can exceed ``target_speedup`` by up to one rounding step per group.
     ``importance``: a callable ``group -> Tensor[group.size]`` ranking the units (lowest removed
     first); default the coupled norm. Every target (ratio, threshold, speed-up) uses it.
+    ``uniform`` (``target_speedup``): the groups of one kind (the same root name up to layer
+    numbers, e.g. every ``model.layers.*.mlp.gate_proj``) keep the same number of units, each
+    its own most important ones, so a Hugging Face model's config can describe the pruned model
+    (see :func:`etp_graph.hf.sync_config`).
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterable[nn.Module]] = None,
@@ -124,7 +135,7 @@ class ETPPruner:
                  target_speedup: Optional[float] = None, threshold: Optional[float] = None,
                  attention_units: str = "heads", max_pruning_ratio: Optional[float] = None,
                  group_filter: Optional[Callable[[CoupledGroup], bool]] = None, round_to: Optional[int] = None,
-                 importance: Optional[Callable[[CoupledGroup], torch.Tensor]] = None):
+                 importance: Optional[Callable[[CoupledGroup], torch.Tensor]] = None, uniform: bool = False):
         given = {k: v for k, v in (("pruning_ratio", pruning_ratio), ("target_speedup", target_speedup),
                                    ("threshold", threshold)) if v is not None}
         if len(given) != 1:
@@ -157,6 +168,7 @@ class ETPPruner:
         if importance is not None and not callable(importance):
             raise TypeError(f"importance must be a callable taking a CoupledGroup, got {type(importance).__name__}")
         self._importance = importance
+        self.uniform = bool(uniform)
         self._build()
 
     def _build(self) -> None:
@@ -238,31 +250,46 @@ class ETPPruner:
                 g.cut(clone, sorted(units))
         return clone
 
+    def _blocks(self) -> List[List[CoupledGroup]]:
+        """Groups planned together: each alone, or with ``uniform`` the groups of one kind (the
+        same root name up to layer numbers, the same size) so every layer keeps as many units."""
+        groups = [g for g in self.graph.groups if g.size >= 2]
+        if not self.uniform:
+            return [[g] for g in groups]
+        kinds: Dict[Tuple[str, int], List[CoupledGroup]] = {}
+        for g in groups:
+            kinds.setdefault((re.sub(r"\d+", "*", g.root), g.size), []).append(g)
+        return list(kinds.values())
+
     def _candidates(self, base: int) -> List[tuple]:
-        """Every removable unit as ``(score, k, group id, unit)``, sorted: a unit's share of its
-        group's importance per MAC its removal saves; ``k`` is its place in its group's order."""
+        """Every removable unit (with ``uniform``: the k-th unit of every group of a kind) as
+        ``(score, k, ((group id, unit), ...))``, sorted: a unit's share of its group's importance
+        per MAC its removal saves; ``k`` is its place in its group's order."""
         candidates = []
-        for g in self.graph.groups:
-            if g.size < 2:
-                continue
-            imp, order = self._ranked(g)
-            order = order.tolist()
-            saved = base - self._macs(self._cut_copy({g.id: [order[0]]}))
-            # a unit's share of its group's importance, per MAC it saves: a head (1 of 12) and an
-            # FFN unit (1 of 1536) compare by the part of their group's work they do, so neither
-            # kind is cut first just because its units are wide or narrow
-            rel = imp / imp.sum().clamp_min(torch.finfo(imp.dtype).tiny)
-            cap = g.size - 1 if self.max_pruning_ratio is None else int(g.size * self.max_pruning_ratio)
-            for k, u in enumerate(order[:min(cap, g.size - 1)]):   # keep at least one unit per group
-                candidates.append((float(rel[u]) / max(saved, 1) * base, k, g.id, u))
+        for block in self._blocks():
+            ranked, saved = [], 0
+            for g in block:
+                imp, order = self._ranked(g)
+                order = order.tolist()
+                saved += base - self._macs(self._cut_copy({g.id: [order[0]]}))
+                # a unit's share of its group's importance, per MAC it saves: a head (1 of 12) and
+                # an FFN unit (1 of 1536) compare by the part of their group's work they do, so
+                # neither kind is cut first just because its units are wide or narrow
+                ranked.append((g, order, imp / imp.sum().clamp_min(torch.finfo(imp.dtype).tiny)))
+            size = block[0].size
+            cap = size - 1 if self.max_pruning_ratio is None else int(size * self.max_pruning_ratio)
+            for k in range(min(cap, size - 1)):   # keep at least one unit per group
+                share = sum(float(rel[order[k]]) for _, order, rel in ranked)
+                candidates.append((share / max(saved, 1) * base, k, tuple((g.id, order[k]) for g, order, _ in ranked)))
         candidates.sort(key=lambda c: (c[0], c[1]))
         return candidates
 
     def _prefix(self, candidates: List[tuple], n: int) -> Dict[int, List[int]]:
         """The plan removing the first ``n`` candidates (then rounded to ``round_to``)."""
         removal: Dict[int, List[int]] = {}
-        for _, _, gid, u in candidates[:n]:
-            removal.setdefault(gid, []).append(u)
+        for _, _, pairs in candidates[:n]:
+            for gid, u in pairs:
+                removal.setdefault(gid, []).append(u)
         return self._rounded(removal)
 
     def max_speedup(self) -> float:
@@ -336,7 +363,11 @@ class ETPPruner:
         clone = self._cut_copy(removal)
         results = [GroupResult(g.root, g.size, g.size - len(removal.get(g.id, [])), list(removal.get(g.id, [])))
                    for g in self.graph.groups]
-        return clone, self._report(target, self.model, clone, results, measure_latency, latency_repeat)
+        report = self._report(target, self.model, clone, results, measure_latency, latency_repeat)
+        if is_hf_model(clone):
+            report.config_note = sync_config(clone, [(g, r.units_before, r.units_after)
+                                                     for g, r in zip(self.graph.groups, results)])
+        return clone, report
 
     def _report(self, target, before, after, results, measure_latency, repeat) -> PruneReport:
         lat = [_measure_latency(m, self.example_inputs, repeat=repeat) if measure_latency else None
@@ -371,8 +402,10 @@ class ETPPruner:
             self._build()    # the groups were renumbered by the partial prune: trace afresh
             raise
         lat_after = _measure_latency(self.model, self.example_inputs, repeat=latency_repeat) if measure_latency else None
+        note = sync_config(self.model, [(g, r.units_before, r.units_after) for g, r in zip(self.graph.groups, results)]) \
+            if is_hf_model(self.model) else None
         return PruneReport(target, macs_before, macs_after, params_before,
-                           count_params(self.model), results, lat_before, lat_after)
+                           count_params(self.model), results, lat_before, lat_after, note)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 our own): attention found from the trace, every returned group exact, coverage of the layers,
 a LLaMA-architecture model pruned to 2× MACs that generates the tokens its masked twin does."""
 import copy
+import re
 
 import pytest
 import torch
@@ -116,3 +117,49 @@ def test_llama_pruned_to_2x_generates_what_its_masked_twin_generates():
     prompt = x["input_ids"][:1, :4]
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(prompt, **kw), masked.generate(prompt, **kw))
+
+
+@pytest.mark.parametrize("name", ["llama", "roberta", "gpt2"])
+def test_uniform_prune_keeps_a_hugging_face_model_that_round_trips(name, tmp_path):
+    model, head, _ = _build(name)
+    model.eval()
+    x, head = _inputs(name), model.get_submodule(head)
+    # LLaMA's config states its head size: heads, key/value heads and FFN round-trip (its width
+    # must stay a multiple of the head count, which its config validates: the width is kept).
+    # RoBERTa's and GPT-2's derive the head size from width / heads: only their FFN can change.
+    keep = (lambda g: "embed" not in g.root) if name == "llama" else (lambda g: "attention" not in g.ops
+                                                                      and g.size != 64)
+    pruner = eg.ETPPruner(model, x, ignored_layers=[head], target_speedup=1.6, uniform=True, group_filter=keep)
+    before = model.config.to_dict()
+    (plan,) = pruner.path([1.6])
+    if name == "llama":   # one key/value head (and its 2 query heads) in every layer as well
+        for g in pruner.graph.groups:
+            if "attention" in g.ops:
+                plan.removed[g.id] = sorted(set(plan.removed.get(g.id, [])) | {1})
+    report = pruner.step(plan=plan)
+    assert report.config_note is None, report.config_note
+    kinds = {}
+    for root, n in report.units_kept.items():             # every layer of a kind kept as many units
+        kinds.setdefault(re.sub(r"\d+", "*", root), set()).add(n)
+    assert all(len(v) == 1 for v in kinds.values()), kinds
+    changed = {k: (before[k], v) for k, v in model.config.to_dict().items() if before.get(k) != v}
+    fields = {"llama": {"num_attention_heads", "num_key_value_heads", "intermediate_size"},
+              "roberta": {"intermediate_size"}, "gpt2": {"n_inner"}}[name]
+    assert fields <= set(changed) <= fields | {"head_dim"}, changed
+    model.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        a, b = model(**x).logits, again(**x).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_uneven_layers_leave_the_config_and_say_why():
+    model, _, _ = _build("llama")
+    model.eval()
+    x = _inputs("llama")
+    pruner = eg.ETPPruner(model, x, ignored_layers=[model.lm_head], pruning_ratio=0.5)
+    first_ffn = next(g for g in pruner.graph.groups if g.root.endswith("gate_proj"))
+    before = model.config.to_dict()
+    report = pruner.step(plan={first_ffn.id: list(range(64))})     # one layer's FFN only
+    assert model.config.to_dict() == before
+    assert "uniform=True" in report.config_note and "save_pruned" in report.config_note

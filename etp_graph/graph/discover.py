@@ -183,8 +183,13 @@ def _one(sh, model, graph, units, ignored, uf, comps, touched, readers) -> Optio
         items.append(SliceItem(owner, attr, dim, unit, n, None, "out", n))
     mine = [p for p in sh.products if p.ids and uf.find(next(iter(p.ids))) in comp_index]
     options = _bookkeeping(sh, mine, coords, size, units)
+    heads = {}
+    for s in srcs:   # heads of the layer per unit, where its channels are head dimensions
+        width = len({coords[g] for g in range(s.base, s.base + s.size) if g in coords})
+        if width and s.size % width == 0 and (s.size // width) % len(comps) == 0:
+            heads[s.name] = s.size // width // len(comps)
     attempts = [CoupledGroup(graph, 0, root, size, [dataclasses.replace(i) for i in items], True, ["attention"],
-                             counters=list(c)) for c in options]
+                             counters=list(c), heads=heads if units == "heads" else None) for c in options]
     return Attention(root, layers, attempts)
 
 

@@ -81,11 +81,13 @@ class CoupledGroup:
 
     def __init__(self, graph: "ChannelGraph", gid: int, root: str, size: int,
                  items: List[SliceItem], exact: bool, ops: Sequence[str] = (),
-                 counters: Sequence[Counter] = ()):
+                 counters: Sequence[Counter] = (), heads: Optional[Dict[str, int]] = None):
         self._graph = graph
         self.id = gid
         self.root = root
         self._size = size
+        #: the number of units when traced (``size`` drops as units are pruned)
+        self.original_size = size
         self.items = items
         #: False when a normalisation over the pruned dimension (LayerNorm, GroupNorm) is in the
         #: group: masking then differs from removal and only shapes can be compared.
@@ -94,6 +96,9 @@ class CoupledGroup:
         self.ops = tuple(ops)
         #: attributes the forward reads that follow the number of units (found from the trace)
         self.counters = tuple(counters)
+        #: attention groups: layer → heads of that layer per unit (a GQA unit is one key/value
+        #: head and the query heads sharing it: ``{"q_proj": 2, "k_proj": 1, …}``)
+        self.heads = dict(heads or {})
 
     # ----------------------------------------------------------------------------------- info
     @property
