@@ -3,6 +3,7 @@ import copy
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import etp_graph as eg
@@ -84,3 +85,60 @@ def test_a_wrong_map_still_fails_in_float64():
     wrong.items = [dataclasses.replace(s, index=(s.index + 1) % 200) if s.owner == "b" else s for s in wrong.items]
     why, _ = experiment(m, x, [(wrong, [3, 50])], True)
     assert why is not None and why.kind == "value"
+
+
+# ---------------------------------------------------------------- round-off on a real network
+class Bottleneck(nn.Module):
+    def __init__(self, i, w, stride, down):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(i, w, 1, bias=False), nn.BatchNorm2d(w)
+        self.conv2, self.bn2 = nn.Conv2d(w, w, 3, stride, 1, bias=False), nn.BatchNorm2d(w)
+        self.conv3, self.bn3 = nn.Conv2d(w, w * 4, 1, bias=False), nn.BatchNorm2d(w * 4)
+        self.downsample = (nn.Sequential(nn.Conv2d(i, w * 4, 1, stride, bias=False), nn.BatchNorm2d(w * 4))
+                           if down else None)
+
+    def forward(self, x):
+        idt = x if self.downsample is None else self.downsample(x)
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        return torch.relu(self.bn3(self.conv3(y)) + idt)
+
+
+class ResNet50(nn.Module):
+    """torchvision's ResNet-50 layout (Bottleneck blocks 3-4-6-3, expansion 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)
+        stages, i = [], 64
+        for n, w, stride in ((3, 64, 1), (4, 128, 2), (6, 256, 2), (3, 512, 2)):
+            stages.append(nn.Sequential(Bottleneck(i, w, stride, True), *(Bottleneck(w * 4, w, 1, False)
+                                                                         for _ in range(n - 1))))
+            i = w * 4
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(2048, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_resnet50_with_large_weights_has_no_round_off_refusals():
+    """torchvision's ResNet-50 layout, convolution weights at 3x the default scale and BatchNorm
+    statistics re-estimated (64-px inputs): before the float64 re-check, a float32 verification
+    refused one of its 37 groups ("max abs error 4.66e-05")."""
+    torch.manual_seed(0)
+    m = ResNet50()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.Conv2d):
+                mod.weight.mul_(3.0)
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 2.0), mod.bias.normal_(0, 0.5)
+                mod.momentum = None
+        m.train()
+        for _ in range(4):
+            m(torch.randn(8, 3, 64, 64))
+    g = eg.trace(m.eval(), torch.randn(2, 3, 64, 64), ignored_layers=[m.fc])
+    assert (len(g.groups), g.skipped) == (37, [])
