@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["HARMLESS_OPS", "PAD", "MAPPED_OPS", "PRODUCT_OPS", "REDUCTIONS", "DIM_MOVES", "COPIES", "op_name",
+__all__ = ["HARMLESS_OPS", "PAD", "ATTENTION", "MAPPED_OPS", "PRODUCT_OPS", "REDUCTIONS", "DIM_MOVES", "COPIES", "op_name",
            "saved_dim", "reduced_dims"]
 
 
@@ -33,12 +33,15 @@ Squeeze Sub Sum T Tanh Threshold ToCopy Transpose Unsqueeze UpsampleBicubic2D
 UpsampleBilinear2D UpsampleLinear1D UpsampleNearest1D UpsampleNearest2D UpsampleNearest3D Where
 """)
 
+#: The op label of head groups built inside an attention (by its handler or from the trace).
+ATTENTION = "attention"
+
 #: A constant pad; on the channel dimension (the option-A ResNet shortcut) it gets an offset map.
 PAD = "ConstantPadNd"
 
 #: Ops whose channel maps the tracer sets itself (index_maps.py) or that stand for a hidden
 #: layer (``_Opaque``, backend.py); the groups through them are exact by construction.
-MAPPED_OPS = _names("Concat Expand Reshape Slice Split Unbind _Opaque") | {PAD}
+MAPPED_OPS = _names("Concat Expand Reshape Slice Split Unbind _Opaque") | {PAD, ATTENTION}
 
 #: Batched matrix products between activations (q·kᵀ, attn·v): channels are contracted, not kept;
 #: a group reaching one outside a known attention is refused.

@@ -15,7 +15,7 @@ Every op the channels pass through is mapped, declared harmless (:mod:`.ops`), o
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 import torch_pruning as tp
@@ -27,11 +27,12 @@ from .assemble import Refused, internal_groups, make_group, shared_channel_merge
 from .backend import Backend, build_backend
 from .discover import find_attention
 from .graph import ChannelGraph, SkippedGroup, layer_graph
+from .group import CoupledGroup
 from .index_maps import map_indices
 from .inputs import check_example_inputs, eval_mode, forward
 from .ops import HARMLESS_OPS, MAPPED_OPS, REDUCTIONS, op_name
 from .shadow import shadow_run
-from .verify import check_group
+from .verify import check_group, experiment, sample_units
 
 __all__ = ["trace", "TraceError"]
 
@@ -132,20 +133,6 @@ def _all_units(dg, m) -> Any:
     return dg.get_pruning_group(m, pruner.prune_out_channels, list(range(n)))
 
 
-def _keep_internal(graph: ChannelGraph, name: str, m: nn.Module, example_inputs, validate: bool,
-                   units: str) -> None:
-    for group in internal_groups(name, m, len(graph.groups), graph, units):
-        if isinstance(group, SkippedGroup):
-            graph.skipped.append(group)
-            continue
-        group.id = len(graph.groups)
-        problem = check_group(graph.model, example_inputs, group) if validate else None
-        if problem:
-            graph.skipped.append(SkippedGroup(name, problem))
-        else:
-            graph.groups.append(group)
-
-
 def _keep_attention(graph: ChannelGraph, att, example_inputs) -> None:
     """An attention found from the trace: the first bookkeeping attempt that verifies (always
     verified: the attempts differ only in what the forward reads)."""
@@ -166,45 +153,55 @@ def _keep_attention(graph: ChannelGraph, att, example_inputs) -> None:
                                                 f"{len(att.attempts)} sets of attribute updates)"))
 
 
-def _keep_rooted(bk: Backend, graph: ChannelGraph, name: str, m: nn.Module, example_inputs,
-                 ignored: Set[nn.Module], validate: bool, visited: Set[nn.Module], units: str) -> None:
-    """The group rooted at ``m``'s output channels: kept, or skipped with the reason."""
+def _rooted(bk: Backend, graph: ChannelGraph, name: str, m: nn.Module, ignored: Set[nn.Module],
+            visited: Set[nn.Module], units: str) -> Any:
+    """The group rooted at ``m``'s output channels (not yet verified), a ``SkippedGroup`` with the
+    reason, or ``None`` when ``m`` has no output channels."""
     try:
         tpg = _all_units(bk.dg, m)
     except Exception as e:  # the backend's index maps broke on this group
-        graph.skipped.append(SkippedGroup(name, f"the tracer backend failed on it: {type(e).__name__}: {e}"))
         visited.add(m)
-        return
+        return SkippedGroup(name, f"the tracer backend failed on it: {type(e).__name__}: {e}")
     if tpg is None:
-        return
+        return None
     for item in tpg:
         if bk.dg.is_out_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, nn.Module):
             visited.add(item.dep.target.module)
     try:
-        group = make_group(bk, tpg, name, ignored, len(graph.groups), graph, shared_channel_merges(bk, m, tpg),
-                           units)
+        return make_group(bk, tpg, name, ignored, 0, graph, shared_channel_merges(bk, m, tpg), units)
     except Refused as r:
-        graph.skipped.append(SkippedGroup(name, str(r)))
-        return
-    unknown = [o for o in group.ops if o not in HARMLESS_OPS | MAPPED_OPS | REDUCTIONS]
-    if validate:
-        problem = check_group(graph.model, example_inputs, group)
-        if problem:
-            graph.skipped.append(SkippedGroup(name, problem))
-            return
-    elif unknown:
-        graph.skipped.append(SkippedGroup(name, f"passes through unverified ops {unknown}; "
-                                                "trace with validate=True to verify it"))
-        return
-    for o in unknown:
-        graph.unknown_ops.setdefault(o, []).append(group.id)
-    graph.groups.append(group)
+        return SkippedGroup(name, str(r))
+
+
+def _check_all(model: nn.Module, example_inputs, groups: List[CoupledGroup]) -> Dict[int, str]:
+    """``id(group)`` → reason for every group that fails its mask-then-prune check.
+
+    The groups are checked together (their sampled units cut at once, in one masked and one
+    pruned copy) and the set is halved only where that disagrees, so a model whose groups all
+    hold costs a few forwards instead of two deep copies and two forwards per group. Exact and
+    shape-checked groups are never mixed; a group alone gets :func:`check_group`'s reason."""
+    if not groups:
+        return {}
+    if len(groups) == 1:
+        problem = check_group(model, example_inputs, groups[0])
+        return {id(groups[0]): problem} if problem else {}
+    cuts = [(g, sample_units(g.size, 0.25, seed=g.id)) for g in groups]
+    try:
+        why, _ = experiment(model, example_inputs, cuts, groups[0].exact)
+    except Exception:
+        why = "the forward broke"
+    if why is None:
+        return {}
+    half = len(groups) // 2
+    return {**_check_all(model, example_inputs, groups[:half]), **_check_all(model, example_inputs, groups[half:])}
 
 
 def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], validate: bool,
              units: str) -> None:
     """Every group of the model, in the order of ``named_modules()``: a layer's internal groups,
-    then the group rooted at its output channels (unless an earlier group already covers them)."""
+    an attention found from the trace at its first layer, then the group rooted at the layer's
+    output channels (unless an earlier group already covers them); verified, then kept or
+    skipped with the reason."""
     model, dg = graph.model, bk.dg
     visited: Set[nn.Module] = set()
     roots = {id(m) for _, m in _root_modules(model, dg, ignored)}
@@ -213,10 +210,41 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
                                                ignored)}
     for a in found.values():   # the attention's layers are rooted in its head group, not alone
         visited.update(model.get_submodule(n) for n in a.layers)
+    entries: List[Tuple[str, Any]] = []
     for name, m in model.named_modules():
         if m in dg.module2node and m not in ignored and get_handler(m) is not None:
-            _keep_internal(graph, name, m, example_inputs, validate, units)
+            entries += [(name, g) for g in internal_groups(name, m, 0, graph, units)]
         if name in found:
-            _keep_attention(graph, found[name], example_inputs)
+            entries.append((name, found[name]))
         if id(m) in roots and m not in visited:
-            _keep_rooted(bk, graph, name, m, example_inputs, ignored, validate, visited, units)
+            entries.append((name, _rooted(bk, graph, name, m, ignored, visited, units)))
+    pending = [g for _, g in entries if isinstance(g, CoupledGroup)]
+    for k, g in enumerate(pending):
+        g.id = k   # seeds the units each check samples
+    problems: Dict[int, str] = {}
+    if validate:
+        for exact in (True, False):
+            problems.update(_check_all(model, example_inputs, [g for g in pending if g.exact == exact]))
+    for name, g in entries:
+        if g is None:
+            continue
+        if isinstance(g, SkippedGroup):
+            graph.skipped.append(g)
+        elif not isinstance(g, CoupledGroup):
+            _keep_attention(graph, g, example_inputs)
+        elif id(g) in problems:
+            graph.skipped.append(SkippedGroup(name, problems[id(g)]))
+        else:
+            _keep(graph, name, g, validate)
+
+
+def _keep(graph: ChannelGraph, name: str, group: CoupledGroup, validate: bool) -> None:
+    unknown = [o for o in group.ops if o not in HARMLESS_OPS | MAPPED_OPS | REDUCTIONS]
+    if unknown and not validate:
+        graph.skipped.append(SkippedGroup(name, f"passes through unverified ops {unknown}; "
+                                                "trace with validate=True to verify it"))
+        return
+    group.id = len(graph.groups)
+    for o in unknown:
+        graph.unknown_ops.setdefault(o, []).append(group.id)
+    graph.groups.append(group)
