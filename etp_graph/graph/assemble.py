@@ -21,7 +21,7 @@ from .backend import Backend
 from .graph import ChannelGraph, SkippedGroup
 from .group import CoupledGroup, SliceItem
 from .index_maps import channel_dim
-from .ops import PRODUCT_OPS, REDUCTIONS, op_name, reduced_dims
+from .ops import PRODUCT_OPS, REDUCTIONS, op_name, reduced_dims, saved_dim
 
 __all__ = ["Refused", "make_group", "internal_groups", "shared_channel_merges"]
 
@@ -64,7 +64,7 @@ def shared_channel_merges(bk: Backend, module: nn.Module, tpg) -> List[Tuple[int
     The backend merges the indices of a group by position and keeps one root per index, so this
     is found by following each root channel alone, only for groups that pass a split."""
     kinds = (tp_ops.OPTYPE.SPLIT, tp_ops.OPTYPE.UNBIND, tp_ops.OPTYPE.SLICE)
-    if not any(bk.kind(it.dep.target) in kinds for it in tpg):
+    if not any(bk.kind(it.dep.target) in kinds and not _spatial_slice(bk, it.dep.target) for it in tpg):
         return []
     dg, fn = bk.dg, tpg[0].dep.handler
     owner: Dict[Tuple[int, bool, int], int] = {}
@@ -80,6 +80,17 @@ def shared_channel_merges(bk: Backend, module: nn.Module, tpg) -> List[Tuple[int
                 if first != r:
                     merges.append((first, r))
     return merges
+
+
+def _spatial_slice(bk: Backend, node) -> bool:
+    """A slice along a dimension other than the channels (the option-A shortcut's ``x[:, :, ::2]``):
+    it cannot bring two channels together."""
+    fn = node.grad_fn
+    shape = bk.shape(node.inputs[0]) if node.inputs else None
+    if fn is None or op_name(fn) != "Slice" or shape is None or not hasattr(fn, "_saved_dim"):
+        return False
+    ch = channel_dim(node.inputs[0], len(shape))
+    return ch is not None and saved_dim(fn._saved_dim, len(shape)) != ch
 
 
 def _read_op(bk: Backend, node, idxs, root_idxs, out: _Reading) -> None:
@@ -223,34 +234,44 @@ def _assemble(r: _Reading, root_name: str, gid: int, graph: ChannelGraph, merges
             pos, index = s.index(local)
             owner, attr = owner_attr(e.owner, s.attr)
             items.append(SliceItem(owner, attr, s.dim, units[pos], index, e.module, e.role, local[pos]))
-    untied = tied_outside(graph.model, items)
+    if getattr(graph, "_ties", None) is None:
+        graph._ties = tie_index(graph.model)
+    untied = tied_outside(graph.model, items, graph._ties)
     if untied:
         raise Refused(untied)
     return CoupledGroup(graph, gid, root_name, len(ordered), items, r.exact, sorted(set(r.ops)))
 
 
-def tied_outside(model: nn.Module, items: Sequence[SliceItem]) -> Optional[str]:
+def tied_outside(model: nn.Module, items: Sequence[SliceItem], index=None) -> Optional[str]:
     """A reason when a tensor the group cuts is shared (tied) with a module the group does not
-    cut: cutting it would untie them or leave the other module at the old width."""
-    names: Dict[int, List[str]] = {}
-    tensor_of: Dict[str, Any] = {}
-    for n, t in itertools.chain(model.named_parameters(remove_duplicate=False),
-                                model.named_buffers(remove_duplicate=False)):
-        names.setdefault(id(t), []).append(n)
-        tensor_of[n] = t
+    cut: cutting it would untie them or leave the other module at the old width. ``index``:
+    :func:`tie_index` of the model, when the caller keeps one."""
+    names, tensor_of, module_of = index if index is not None else tie_index(model)
+
     def place(name: str) -> Tuple[int, str]:   # one module reached under two names is one place
         owner, _, attr = name.rpartition(".")
-        return id(model.get_submodule(owner) if owner else model), attr
+        return id(module_of[owner]), attr
     cut = {f"{i.owner}.{i.attr}" if i.owner else i.attr for i in items}
     cut_places = {place(n) for n in cut if n in tensor_of}
     for n in sorted(cut):
-        if n not in tensor_of:
+        if n not in tensor_of or len(names[id(tensor_of[n])]) < 2:
             continue
         outside = [m for m in names[id(tensor_of[n])] if place(m) not in cut_places]
         if outside:
             return (f"{n!r} is tied to {', '.join(map(repr, outside))}, which the group does not cut "
                     "(the tie couples widths the trace sees as separate); untie them or prune the other side first")
     return None
+
+
+def tie_index(model: nn.Module):
+    """``(tensor id → every name of it, name → tensor, module name → module)``."""
+    names: Dict[int, List[str]] = {}
+    tensor_of: Dict[str, Any] = {}
+    for n, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), []).append(n)
+        tensor_of[n] = t
+    return names, tensor_of, dict(model.named_modules(remove_duplicate=False))
 
 
 def owner_attr(owner: str, attr: str) -> Tuple[str, str]:

@@ -30,7 +30,7 @@ from .graph import ChannelGraph, SkippedGroup, layer_graph
 from .group import CoupledGroup
 from .index_maps import map_indices
 from .inputs import check_example_inputs, eval_mode, forward
-from .ops import HARMLESS_OPS, MAPPED_OPS, REDUCTIONS, op_name
+from .ops import HARMLESS_OPS, MAPPED_OPS, PRODUCT_OPS, REDUCTIONS, op_name
 from .shadow import shadow_run
 from .verify import check_group, experiment, sample_units
 
@@ -96,7 +96,10 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
         build_backend(model, example_inputs, bk)
         map_indices(bk)
         graph = ChannelGraph(model)
-        _collect(bk, graph, example_inputs, ignored, validate, attention_units)
+        try:
+            _collect(bk, graph, example_inputs, ignored, validate, attention_units)
+        finally:
+            graph.__dict__.pop("_ties", None)   # the tie index of this trace (it holds the tensors)
     graph.nodes, graph.edges = layer_graph(bk.dg, _op_label)
     return graph
 
@@ -206,8 +209,11 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
     visited: Set[nn.Module] = set()
     roots = {id(m) for _, m in _root_modules(model, dg, ignored)}
     names = {m: n for n, m in model.named_modules()}
-    found = {a.root: a for a in find_attention(shadow_run(model, example_inputs, names), model, graph, units,
-                                               ignored)}
+    found = {}
+    if any(n.grad_fn is not None and op_name(n.grad_fn) in PRODUCT_OPS for n in dg.module2node.values()):
+        # products between activations: attention to find (a model without them needs no shadow run)
+        found = {a.root: a for a in find_attention(shadow_run(model, example_inputs, names), model, graph, units,
+                                                   ignored)}
     for a in found.values():   # the attention's layers are rooted in its head group, not alone
         visited.update(model.get_submodule(n) for n in a.layers)
     entries: List[Tuple[str, Any]] = []
