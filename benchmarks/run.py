@@ -111,14 +111,15 @@ def _regularised(task: Task, method: methods_mod.Method, seed: int, speedup: flo
     hook = RegHook(pruner.regularizer, task.reg_mode, task.decay_scale) if config is not None else None
     saved = _regularised_path(task, method, seed)
     with clock("regularise"):
-        if reuse and saved.is_file():
+        reused = reuse and saved.is_file()
+        if reused:
             model.load_state_dict(torch.load(saved, map_location=task.device))
         else:
             task.train(model, task.budget.reg, seed=100 + seed, hook=hook, phase="regularise")
             saved.parent.mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), str(saved) + ".tmp")
             os.replace(str(saved) + ".tmp", saved)
-    return model, pruner, config, dense
+    return model, pruner, config, dense, reused
 
 
 def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[float],
@@ -128,7 +129,7 @@ def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[f
     (to compare with the nested family from one training); ``reuse``: load the saved regularised
     model of an earlier run of this cell instead of training again."""
     clock = Clock()
-    model, pruner, config, dense = _regularised(task, method, seed, max(speedups), plan_options, clock,
+    model, pruner, config, dense, reused = _regularised(task, method, seed, max(speedups), plan_options, clock,
                                                 reuse and not separate)
     regularised = task.evaluate(model)
     with clock("plan"):
@@ -140,14 +141,14 @@ def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[f
     cuts = []
     for k, plan in enumerate(tqdm(plans, desc=f"{method.name} s{seed} cuts", leave=False)):
         if separate and k:      # train again from the dense start, for this target alone
-            _, pruner, _, _ = _regularised(task, method, seed, plan.target_speedup, plan_options, clock)
+            _, pruner, _, _, _ = _regularised(task, method, seed, plan.target_speedup, plan_options, clock)
             with clock("plan"):
                 plan = pruner.path([plan.target_speedup])[0]
         small, report = pruner.pruned_copy(plan)
         cuts.append(finetune_cut(task, small, report.as_dict(), plan.target_speedup, lat_dense, lat_inputs, seed,
                          latency_repeat, clock))
     return {"dense": dense, "regularised": regularised, "cuts": cuts, "requested_speedups": speedups,
-            "separate_trainings": separate, "regularised_reused": reuse and not separate,
+            "separate_trainings": separate, "regularised_reused": reused,
             "skipped_groups": [dataclasses.asdict(s) for s in pruner.graph.skipped],
             "config": {"method": {"name": method.name, "description": method.description,
                                   "regularizer": dataclasses.asdict(config) if config else None,
