@@ -70,10 +70,8 @@ class Product:
     """One matrix product that shadowed tensors reach."""
 
     host: Optional[str]                 # the innermost module (without a handler) running it
-    contracted: List[torch.Tensor]      # [2, K] id pairs meeting in the contraction
-    coords: Dict[int, int]              # id → its coordinate along the contracted / column dim
-    slices: List[torch.Tensor]          # per batch slice, the ids in it (one head)
-    dims: Tuple[int, int]               # (contracted length, column length of the right operand)
+    coords: Dict[int, int] = dataclasses.field(default_factory=dict)   # id → place inside its head
+    slices: List[torch.Tensor] = dataclasses.field(default_factory=list)   # per batch slice (a head), its ids
     ids: Set[int] = dataclasses.field(default_factory=set)
     left: Set[int] = dataclasses.field(default_factory=set)    # ids of each operand
     #: ``scaled_dot_product_attention`` without ``scale``: its 1/√d follows the head size
@@ -90,13 +88,6 @@ class Shadows:
     mixed: List[torch.Tensor]                        # [2, K] id pairs meeting element-wise
     inputs: Dict[str, torch.Tensor]                  # layer → id per input channel (-1: none)
     reads: Dict[str, Dict[str, int]]                 # module → int attributes its forward read
-    unfollowed: Set[int]                             # ids that reached an op the run cannot follow
-
-    def source_of(self, gid: int) -> Optional[Source]:
-        for s in self.sources:
-            if s.base <= gid < s.base + s.size:
-                return s
-        return None
 
 
 def _pairs(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
@@ -124,6 +115,14 @@ def _mix_pairs(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
     return _pairs(a, b)
 
 
+def _place(coords: Dict[int, int], ids: torch.Tensor) -> None:
+    """Every id at position ``j`` of the last dim of ``ids`` gets coordinate ``j`` (first seen wins)."""
+    for j in range(ids.shape[-1]):
+        for g in ids[..., j].unique().tolist():
+            if g >= 0:
+                coords.setdefault(g, j)
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, run: "_Run"):
         super().__init__()
@@ -135,8 +134,8 @@ class _Mode(TorchFunctionMode):
         if self.run.hidden == 0:
             try:
                 self.run.step(func, args, kwargs, out)
-            except Exception:   # a shadow the run cannot follow: its ids are left alone
-                self.run.give_up(args, kwargs)
+            except Exception:   # an op the run cannot follow: its output carries no shadow
+                pass
         return out
 
 
@@ -147,7 +146,6 @@ class _Run:
         self.stack: List[str] = []
         self.products: List[Product] = []
         self.mixed: List[torch.Tensor] = []
-        self.unfollowed: Set[int] = set()
 
     # ------------------------------------------------------------------------ bookkeeping
     def get(self, t) -> Optional[torch.Tensor]:
@@ -160,12 +158,6 @@ class _Run:
     def put(self, t: torch.Tensor, s: torch.Tensor) -> None:
         if isinstance(t, torch.Tensor) and isinstance(s, torch.Tensor) and s.shape == t.shape:
             self.shadow[id(t)] = (t, s)
-
-    def give_up(self, args, kwargs) -> None:
-        for t in pytree.tree_leaves((args, kwargs)):
-            s = self.get(t)
-            if s is not None:
-                self.unfollowed.update(s[s >= 0].unique().tolist())
 
     # ------------------------------------------------------------------------------ rules
     def step(self, func, args, kwargs, out) -> None:
@@ -183,8 +175,7 @@ class _Run:
             self._product(name, args, kwargs, out)
         elif isinstance(out, torch.Tensor) and out.is_floating_point() and self._elementwise(leaves, out):
             self._merge(leaves, shadows, out)
-        else:
-            self.give_up(args, kwargs)
+        # any other op (a reduction, an einsum, a comparison) hands no shadow on
 
     def _structural(self, func, args, kwargs, out) -> None:
         def swap(t):
@@ -232,58 +223,35 @@ class _Run:
             a, b = args[0], args[1]
         self._matmul(a, b, out)
 
-    def _record(self, sa, sb, out_shadow, dims) -> None:
-        """The product of ``sa`` (..., n, k) and ``sb`` (..., k, m) (either may be None)."""
-        prod = Product(self.stack[-1] if self.stack else None, [], {}, [], dims)
+    def _record(self, sa, sb, out) -> None:
+        """The product of ``sa`` (..., n, k) and ``sb`` (..., k, m) (either may be None); ``out``:
+        ``(output tensor, its shadow)`` or None."""
+        prod = Product(self.stack[-1] if self.stack else None)
         batch = torch.broadcast_shapes(*(s.shape[:-2] for s in (sa, sb) if s is not None))
-        if sa is not None and sb is not None:
-            a0 = sa[..., 0, :].expand(*batch, sa.shape[-1])
-            b0 = sb[..., :, 0].expand(*batch, sb.shape[-2])
-            p = _pairs(a0, b0)
-            if p is not None:
-                prod.contracted.append(p)
+        # an id's place inside its head: along the contraction (q and k), else along the columns (v)
         if sa is not None:
-            a0 = sa[..., 0, :].expand(*batch, sa.shape[-1])
-            for j in range(a0.shape[-1]):
-                for g in a0[..., j].unique().tolist():
-                    if g >= 0:
-                        prod.coords.setdefault(g, j)
+            _place(prod.coords, sa[..., 0, :].expand(*batch, sa.shape[-1]))
         if sb is not None:
             b0 = sb.expand(*batch, *sb.shape[-2:])
-            col = b0[..., 0, :]
-            row = b0[..., :, 0]
-            for j in range(row.shape[-1]):
-                for g in row[..., j].unique().tolist():
-                    if g >= 0:
-                        prod.coords.setdefault(g, j)
-            for j in range(col.shape[-1]):
-                for g in col[..., j].unique().tolist():
-                    if g >= 0 and g not in prod.coords:
-                        prod.coords[g] = j
+            _place(prod.coords, b0[..., :, 0])
+            _place(prod.coords, b0[..., 0, :])
         for s, ids in ((sa, prod.left), (sb, prod.right)):
             if s is not None:
                 ids.update(s[s >= 0].unique().tolist())
         parts = [s.expand(*batch, *s.shape[-2:]).reshape(-1, s.shape[-2] * s.shape[-1]) for s in (sa, sb) if s is not None]
-        whole = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        for row in whole:
+        for row in torch.cat(parts, dim=1):
             ids = row[row >= 0].unique()
             if len(ids):
                 prod.slices.append(ids)
                 prod.ids.update(ids.tolist())
         self.products.append(prod)
-        if out_shadow is not None:
-            self.put_if(out_shadow)
-
-    def put_if(self, pair) -> None:
-        t, s = pair
-        if (s >= 0).any():
-            self.put(t, s)
+        if out is not None and (out[1] >= 0).any():
+            self.put(*out)
 
     def _matmul(self, a, b, out) -> None:
         sa, sb = self.get(a), self.get(b)
         if (sa is not None and sa.dim() < 2) or (sb is not None and sb.dim() < 2) or out.dim() < 2:
-            self.give_up((a, b), {})
-            return
+            return   # a vector product: no heads
         # the output takes the right operand's column channels (P·v), else the left one's rows
         if sb is not None and (sb[..., :1, :] != sb[..., :1, :1]).any():
             so = sb[..., :1, :].expand(out.shape)
@@ -291,8 +259,7 @@ class _Run:
             so = sa[..., :, :1].expand(out.shape)
         else:
             so = sb[..., :1, :].expand(out.shape)
-        k = a.shape[-1]
-        self._record(sa, sb, (out, so.clone()), (k, b.shape[-1]))
+        self._record(sa, sb, (out, so.clone()))
 
     def _sdpa(self, q, k, v, mask, gqa, out) -> None:
         sq, sk, sv = self.get(q), self.get(k), self.get(v)
@@ -303,7 +270,7 @@ class _Run:
             return s.repeat_interleave(like.shape[-3] // s.shape[-3], dim=-3)
         sk, sv = heads(sk, q), heads(sv, q)
         skt = sk.transpose(-1, -2) if sk is not None else None
-        self._record(sq, skt, None, (q.shape[-1], k.shape[-2]))
+        self._record(sq, skt, None)
         score = None
         if sk is not None:
             score = sk[..., :, :1].transpose(-1, -2).expand(*sk.shape[:-2], q.shape[-2], sk.shape[-2])
@@ -313,7 +280,7 @@ class _Run:
                 if p is not None:
                     self.mixed.append(p)
         so = sv[..., :1, :].expand(out.shape).clone() if sv is not None else None
-        self._record(score, sv, (out, so) if so is not None else None, (k.shape[-2], v.shape[-1]))
+        self._record(score, sv, (out, so) if so is not None else None)
 
 
 def shadow_run(model: nn.Module, example_inputs: Any, names: Dict[nn.Module, str]) -> Shadows:
@@ -388,7 +355,7 @@ def shadow_run(model: nn.Module, example_inputs: Any, names: Dict[nn.Module, str
             h.remove()
         for m, cls in swapped:
             m.__class__ = cls
-    return Shadows(sources, run.products, run.mixed, inputs, {k: v for k, v in reads.items() if v}, run.unfollowed)
+    return Shadows(sources, run.products, run.mixed, inputs, {k: v for k, v in reads.items() if v})
 
 
 def _reading_class(cls: type, seen: Dict[str, int]) -> type:

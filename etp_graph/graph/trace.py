@@ -32,7 +32,7 @@ from .index_maps import map_indices
 from .inputs import check_example_inputs, eval_mode, forward
 from .ops import HARMLESS_OPS, MAPPED_OPS, PRODUCT_OPS, REDUCTIONS, op_name
 from .shadow import shadow_run
-from .verify import check_group, experiment, sample_units
+from .verify import FRACTION, check_group, experiment, sample_units
 
 __all__ = ["trace", "TraceError"]
 
@@ -188,7 +188,7 @@ def _check_all(model: nn.Module, example_inputs, groups: List[CoupledGroup]) -> 
     if len(groups) == 1:
         problem = check_group(model, example_inputs, groups[0])
         return {id(groups[0]): problem} if problem else {}
-    cuts = [(g, sample_units(g.size, 0.25, seed=g.id)) for g in groups]
+    cuts = [(g, sample_units(g.size, FRACTION, seed=g.id)) for g in groups]
     try:
         why, _ = experiment(model, example_inputs, cuts, groups[0].exact)
     except Exception:

@@ -138,7 +138,11 @@ def experiment(model: nn.Module, example_inputs: Any, cuts, exact: bool,
     return why, pruned
 
 
-def check_group(model: nn.Module, example_inputs: Any, group, fraction: float = 0.25) -> Optional[str]:
+#: the share of a group's units a check removes (at least one, never all)
+FRACTION = 0.25
+
+
+def check_group(model: nn.Module, example_inputs: Any, group, fraction: float = FRACTION) -> Optional[str]:
     """Mask a copy, prune another copy, compare outputs; ``None`` when they agree, else the reason."""
     units = sample_units(group.size, fraction, seed=group.id)
     inside: List[Tuple[str, str]] = []   # modules whose forward is running in the pruned copy
