@@ -66,18 +66,33 @@ class _Union:
 
 
 def _components(sh: Shadows) -> Tuple[_Union, Set[int]]:
-    uf = _Union()
+    """The heads: ids joined by a batch slice of a product, or by a mix with such an id. Every
+    id points to the smallest id of its component (connected components by label propagation,
+    vectorised: a model has tens of thousands of channel ids)."""
     in_products: Set[int] = set()
+    edges = []
     for p in sh.products:
         in_products |= p.ids
         for ids in p.slices:
-            first = int(ids[0])
-            for g in ids.tolist():
-                uf.join(first, g)
+            edges.append(torch.stack([ids[:1].expand(len(ids)), ids]))
+    known = torch.tensor(sorted(in_products), dtype=torch.long)
     for pairs in sh.mixed:
-        for a, b in pairs.t().tolist():
-            if a in in_products or b in in_products:
-                uf.join(a, b)
+        edges.append(pairs[:, torch.isin(pairs[0], known) | torch.isin(pairs[1], known)])
+    uf = _Union()
+    if not edges:
+        return uf, in_products
+    e = torch.cat(edges, dim=1)
+    nodes = e.flatten().unique()
+    a, b = torch.searchsorted(nodes, e[0]), torch.searchsorted(nodes, e[1])
+    label = torch.arange(len(nodes))
+    while True:
+        low = torch.minimum(label[a], label[b])
+        new = label.scatter_reduce(0, a, low, "amin").scatter_reduce(0, b, low, "amin")
+        new = new[new]    # pointer jumping: a label points to its own label's label
+        if torch.equal(new, label):
+            break
+        label = new
+    uf.parent = dict(zip(nodes.tolist(), nodes[label].tolist()))
     return uf, in_products
 
 

@@ -174,13 +174,18 @@ class CoupledGroup:
     @torch.no_grad()
     def zero_(self, indices: Iterable[int], model: Optional[nn.Module] = None) -> None:
         """Zero every coupled slice of these units in place: a mask with the pruned model's output."""
+        for t, dim, index in self.slices_of(indices, model):
+            t.index_fill_(dim, index, 0)
+
+    def slices_of(self, indices: Iterable[int], model: Optional[nn.Module] = None):
+        """``(tensor, dim, index)`` of every coupled slice of these units (what :meth:`zero_` zeroes)."""
         units = self._check(indices, allow_all=True)
         model = self._graph.model if model is None else model
         for it in self.items:
             sel = torch.isin(it.unit, units)
             if sel.any():
                 t = getattr(_resolve(model, it.owner), it.attr)
-                t.index_fill_(it.dim, it.index[sel].unique().to(t.device), 0)
+                yield t, it.dim, it.index[sel].unique().to(t.device)
 
     def prune(self, indices: Iterable[int]) -> None:
         """Physically remove these units from every coupled tensor. Atomic: on error nothing changes.
@@ -221,11 +226,13 @@ class CoupledGroup:
             entry[2].append((mod, attr))
         with atomic(model, touched):
             for t, dims, places in shared.values():
-                new = t.detach()
+                new = base = t.detach()
                 for dim, drop in dims.items():
                     keep = [i for i in range(new.shape[dim]) if i not in drop]
                     new = new.index_select(dim, torch.tensor(keep, dtype=torch.long, device=t.device))
-                new = nn.Parameter(new.clone(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new.clone()
+                if new is base:   # (index_select made a new tensor; never share the old one)
+                    new = new.clone()
+                new = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
                 for mod, attr in places:
                     if isinstance(t, nn.Parameter):
                         setattr(mod, attr, new)

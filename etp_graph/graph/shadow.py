@@ -90,13 +90,20 @@ class Shadows:
     reads: Dict[str, Dict[str, int]]                 # module → int attributes its forward read
 
 
+#: free tensors larger than this carry no ids (a per-head table is small; ids cost 8 bytes each)
+FREE_LIMIT = 1 << 22
+#: pairs of ids are sorted as one int64 key ``a·KEY + b`` (ids stay below it)
+KEY = 1 << 31
+
+
 def _pairs(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
     """Unique ``[2, K]`` pairs of differing valid ids at equal positions."""
     a, b = torch.broadcast_tensors(a, b)
     keep = (a >= 0) & (b >= 0) & (a != b)
     if not keep.any():
         return None
-    return torch.unique(torch.stack([a[keep], b[keep]]), dim=1)
+    key = (a[keep] * KEY + b[keep]).unique()   # a 1-D unique: far cheaper than unique(dim=1)
+    return torch.stack([key // KEY, key % KEY])
 
 
 def _mix_pairs(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
@@ -116,11 +123,26 @@ def _mix_pairs(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def _place(coords: Dict[int, int], ids: torch.Tensor) -> None:
-    """Every id at position ``j`` of the last dim of ``ids`` gets coordinate ``j`` (first seen wins)."""
-    for j in range(ids.shape[-1]):
-        for g in ids[..., j].unique().tolist():
-            if g >= 0:
-                coords.setdefault(g, j)
+    """Every id at position ``j`` of the last dim of ``ids`` gets coordinate ``j`` (the smallest
+    such ``j``; an id placed before keeps its place)."""
+    flat = ids.reshape(-1, ids.shape[-1])
+    keep = flat >= 0
+    if not keep.any():
+        return
+    col = torch.arange(flat.shape[-1]).expand_as(flat)[keep]
+    found, inverse = flat[keep].unique(return_inverse=True)
+    first = torch.full_like(found, flat.shape[-1]).scatter_reduce(0, inverse, col, "amin")
+    for g, j in zip(found.tolist(), first.tolist()):
+        coords.setdefault(g, j)
+
+
+def _squeeze_repeats(s: torch.Tensor) -> torch.Tensor:
+    """``s`` narrowed to one row along each of its last two dims that repeats one row (a
+    token dim: every position holds the same channels), so a head's ids are cheap to collect."""
+    for d in (-2, -1):
+        if s.shape[d] > 1 and bool((s == s.narrow(d, 0, 1)).all()):
+            s = s.narrow(d, 0, 1)
+    return s
 
 
 class _Mode(TorchFunctionMode):
@@ -228,6 +250,7 @@ class _Run:
         ``(output tensor, its shadow)`` or None."""
         prod = Product(self.stack[-1] if self.stack else None)
         batch = torch.broadcast_shapes(*(s.shape[:-2] for s in (sa, sb) if s is not None))
+        sa, sb = (_squeeze_repeats(s) if s is not None else None for s in (sa, sb))
         # an id's place inside its head: along the contraction (q and k), else along the columns (v)
         if sa is not None:
             _place(prod.coords, sa[..., 0, :].expand(*batch, sa.shape[-1]))
@@ -238,7 +261,7 @@ class _Run:
         for s, ids in ((sa, prod.left), (sb, prod.right)):
             if s is not None:
                 ids.update(s[s >= 0].unique().tolist())
-        parts = [s.expand(*batch, *s.shape[-2:]).reshape(-1, s.shape[-2] * s.shape[-1]) for s in (sa, sb) if s is not None]
+        parts = [s.expand(*batch, -1, -1).reshape(batch.numel(), -1) for s in (sa, sb) if s is not None]
         for row in torch.cat(parts, dim=1):
             ids = row[row >= 0].unique()
             if len(ids):
@@ -336,8 +359,9 @@ def shadow_run(model: nn.Module, example_inputs: Any, names: Dict[nn.Module, str
         hooks.append(m.register_forward_hook(post, with_kwargs=True))
         if h is None:
             for attr, t in itertools.chain(m.named_parameters(recurse=False), m.named_buffers(recurse=False)):
-                if t is None or not t.is_floating_point() or run.get(t) is not None or not t.numel():
-                    continue
+                if (t is None or not t.is_floating_point() or run.get(t) is not None or not t.numel()
+                        or t.numel() > FREE_LIMIT or base + t.numel() >= KEY):
+                    continue   # (a table as large as a layer's weight holds no heads to find)
                 sources.append(Source(f"{name}.{attr}" if name else attr, None, base, t.numel(), 0, tuple(t.shape)))
                 run.put(t, torch.arange(base, base + t.numel()).view(t.shape))
                 base += t.numel()

@@ -31,6 +31,7 @@ from .group import CoupledGroup
 from .index_maps import map_indices
 from .inputs import check_example_inputs, eval_mode, forward
 from .ops import HARMLESS_OPS, MAPPED_OPS, PRODUCT_OPS, REDUCTIONS, op_name
+from .scope import capture
 from .shadow import shadow_run
 from .verify import FRACTION, check_group, experiment, sample_units
 
@@ -136,16 +137,17 @@ def _all_units(dg, m) -> Any:
     return dg.get_pruning_group(m, pruner.prune_out_channels, list(range(n)))
 
 
-def _keep_attention(graph: ChannelGraph, att, example_inputs) -> None:
+def _keep_attention(graph: ChannelGraph, att, example_inputs, scopes) -> None:
     """An attention found from the trace: the first bookkeeping attempt that verifies (always
-    verified: the attempts differ only in what the forward reads)."""
+    verified: the attempts differ only in what the forward reads; on the attention module alone
+    where it holds every use of the heads, see :mod:`.scope`)."""
     if att.reason:
         graph.skipped.append(SkippedGroup(att.root, att.reason))
         return
     problems = []
     for group in att.attempts:
         group._graph, group.id = graph, len(graph.groups)
-        problem = check_group(graph.model, example_inputs, group)
+        problem = check_group(graph.model, example_inputs, group, scopes=scopes)
         if problem is None:
             graph.groups.append(group)
             return
@@ -176,13 +178,20 @@ def _rooted(bk: Backend, graph: ChannelGraph, name: str, m: nn.Module, ignored: 
         return SkippedGroup(name, str(r))
 
 
-def _check_all(model: nn.Module, example_inputs, groups: List[CoupledGroup]) -> Dict[int, str]:
+def _check_all(model: nn.Module, example_inputs, groups: List[CoupledGroup], scopes) -> Dict[int, str]:
     """``id(group)`` → reason for every group that fails its mask-then-prune check.
 
-    The groups are checked together (their sampled units cut at once, in one masked and one
+    A group whose cut stays inside one module is checked on that module alone (:mod:`.scope`);
+    the others are checked together (their sampled units cut at once, in one masked and one
     pruned copy) and the set is halved only where that disagrees, so a model whose groups all
-    hold costs a few forwards instead of two deep copies and two forwards per group. Exact and
+    hold costs a few forwards instead of two copies and two forwards per group. Exact and
     shape-checked groups are never mixed; a group alone gets :func:`check_group`'s reason."""
+    local = [g for g in groups if scopes.hosts(model, [g])]
+    problems = {id(g): p for g in local for p in [check_group(model, example_inputs, g, scopes=scopes)] if p}
+    return {**problems, **_check_together(model, example_inputs, [g for g in groups if g not in local])}
+
+
+def _check_together(model: nn.Module, example_inputs, groups: List[CoupledGroup]) -> Dict[int, str]:
     if not groups:
         return {}
     if len(groups) == 1:
@@ -196,7 +205,8 @@ def _check_all(model: nn.Module, example_inputs, groups: List[CoupledGroup]) -> 
     if why is None:
         return {}
     half = len(groups) // 2
-    return {**_check_all(model, example_inputs, groups[:half]), **_check_all(model, example_inputs, groups[half:])}
+    return {**_check_together(model, example_inputs, groups[:half]),
+            **_check_together(model, example_inputs, groups[half:])}
 
 
 def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], validate: bool,
@@ -228,16 +238,19 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
     for k, g in enumerate(pending):
         g.id = k   # seeds the units each check samples
     problems: Dict[int, str] = {}
+    attempts = [g for a in found.values() if not a.reason for g in a.attempts]
+    scopes = capture(model, example_inputs, (pending if validate else []) + attempts) \
+        if validate or attempts else None
     if validate:
         for exact in (True, False):
-            problems.update(_check_all(model, example_inputs, [g for g in pending if g.exact == exact]))
+            problems.update(_check_all(model, example_inputs, [g for g in pending if g.exact == exact], scopes))
     for name, g in entries:
         if g is None:
             continue
         if isinstance(g, SkippedGroup):
             graph.skipped.append(g)
         elif not isinstance(g, CoupledGroup):
-            _keep_attention(graph, g, example_inputs)
+            _keep_attention(graph, g, example_inputs, scopes)
         elif id(g) in problems:
             graph.skipped.append(SkippedGroup(name, problems[id(g)]))
         else:

@@ -1,15 +1,17 @@
 """Mask-then-prune verification, shared by ``trace(validate=True)`` and ``etp_graph.testing``."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
 from .inputs import flat_tensors, forward
+from .scope import Scopes, host_model
 
 
 def sample_units(size: int, fraction: float, seed: int) -> List[int]:
@@ -56,24 +58,78 @@ def compare(masked: Any, pruned: Any, exact: bool, rtol: float = 1e-4, atol: flo
     return None
 
 
+class MaskedBroke(RuntimeError):
+    """The masked copy's forward raised: the cut is not to blame (the check must move out)."""
+
+
+def _tensors(model: nn.Module):
+    return itertools.chain(model.parameters(), model.buffers())
+
+
+def _copy_module(m: nn.Module, memo: Dict[int, nn.Module]) -> nn.Module:
+    if id(m) in memo:
+        return memo[id(m)]
+    new = m.__class__.__new__(m.__class__)
+    memo[id(m)] = new
+    for k, v in m.__dict__.items():
+        if k == "_modules":
+            v = {n: None if c is None else _copy_module(c, memo) for n, c in v.items()}
+        elif isinstance(v, (dict, list, set)):   # hooks, parameter dicts, flat-weight lists
+            v = copy.copy(v)
+        new.__dict__[k] = v
+    return new
+
+
+def twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode) whose modules are new (their dicts and lists too) but whose
+    parameters, buffers and other attributes are ``model``'s own: a cut replaces tensors and
+    attributes of the copy, it never writes into a tensor, so a pruned twin costs what its new
+    tensors cost. (A scripted module is deep-copied.)"""
+    if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        return copy.deepcopy(model).eval()
+    return _copy_module(model, {}).eval()
+
+
+@contextlib.contextmanager
+def masked_in_place(cuts: Sequence[Tuple[Any, Sequence[int]]], model: nn.Module) -> Iterator[None]:
+    """Inside, the slices of ``cuts`` are zero in ``model``'s own tensors; on leaving (also on
+    error) every value is put back exactly."""
+    saved = []
+    try:
+        for group, units in cuts:
+            for t, dim, index in group.slices_of(units, model):
+                saved.append((t, dim, index, t.index_select(dim, index)))
+                with torch.no_grad():
+                    t.index_fill_(dim, index, 0)
+        yield
+    finally:
+        with torch.no_grad():
+            for t, dim, index, old in reversed(saved):
+                t.index_copy_(dim, index, old)
+
+
 def mask_and_prune(model: nn.Module, example_inputs: Any, cuts: Sequence[Tuple[Any, Sequence[int]]],
                    inside: Optional[List[Tuple[str, str]]] = None,
                    dtype: Optional[torch.dtype] = None,
                    watch: Optional[Dict[str, Tuple[list, list]]] = None) -> Tuple[Any, Any, nn.Module]:
-    """The mask-versus-prune experiment, written once: on two deep copies of ``model`` (eval
-    mode), zero the ``(group, units)`` of ``cuts`` in one and remove them from the other, run
-    both on ``example_inputs``. Returns ``(masked output, pruned output, pruned copy)``; ``model``
-    is not modified. ``inside``: a list that holds, while the pruned copy runs, ``(name, class)``
-    of the modules whose forward is in progress (to say where a forward broke). ``dtype``: run
-    the experiment with both copies and the floating inputs in this precision. ``watch``: module
-    name → two lists that receive that module's outputs in the masked and the pruned copy."""
-    masked, pruned = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
-    if dtype is not None:
-        masked.to(dtype), pruned.to(dtype)
+    """The mask-versus-prune experiment, written once: on two copies of ``model`` (eval mode,
+    see :func:`twin`), zero the ``(group, units)`` of ``cuts`` in one (in the shared tensors,
+    put back right after its forward, see :func:`masked_in_place`) and remove them from the
+    other, run both on ``example_inputs``. Returns ``(masked output, pruned output, pruned copy)``;
+    ``model`` is left as it was. ``inside``: a list that holds, while the pruned copy runs,
+    ``(name, class)`` of the modules whose forward is in progress (to say where a forward broke).
+    ``dtype``: run the experiment with both copies (then full copies) and the floating inputs in
+    this precision. ``watch``: module name → two lists that receive that module's outputs in the
+    masked and the pruned copy. Raises :class:`MaskedBroke` when the masked copy cannot run."""
+    if dtype is not None:   # ``Module.to`` converts parameters in place: nothing may be shared
+        masked, pruned = copy.deepcopy(model).eval().to(dtype), copy.deepcopy(model).eval().to(dtype)
         example_inputs = pytree.tree_map(
             lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, example_inputs)
+        for group, units in cuts:
+            group.zero_(units, model=masked)
+    else:   # the masked run zeroes the shared tensors in place and puts them back after
+        masked, pruned = twin(model), twin(model)
     for group, units in cuts:
-        group.zero_(units, model=masked)
         group.cut(pruned, units)
     hooks = []
     for name, (got_m, got_p) in (watch or {}).items():
@@ -89,7 +145,12 @@ def mask_and_prune(model: nn.Module, example_inputs: Any, cuts: Sequence[Tuple[A
             hooks.append(m.register_forward_hook(leave))
     try:
         with torch.no_grad():
-            return forward(masked, example_inputs), forward(pruned, example_inputs), pruned
+            try:
+                with masked_in_place(cuts if dtype is None else [], masked):
+                    a = forward(masked, example_inputs)
+            except Exception as e:
+                raise MaskedBroke(f"{type(e).__name__}: {e}") from e
+            return a, forward(pruned, example_inputs), pruned
     finally:
         for h in hooks:
             h.remove()
@@ -101,8 +162,15 @@ def _low_precision(model: nn.Module) -> bool:
 
 
 def experiment(model: nn.Module, example_inputs: Any, cuts, exact: bool,
-               inside: Optional[List[Tuple[str, str]]] = None) -> Tuple[Optional[Mismatch], nn.Module]:
+               inside: Optional[List[Tuple[str, str]]] = None,
+               scopes: Optional[Scopes] = None) -> Tuple[Optional[Mismatch], nn.Module]:
     """``(why masked and pruned outputs differ or None, the pruned copy)``.
+
+    With ``scopes`` (:func:`.scope.capture`), the experiment runs on the innermost module that
+    holds every use of what the cuts change, replaying the inputs it received, and moves out
+    (at last to the whole model) while that module's outputs differ; a forward that breaks on
+    the cut there breaks in the whole model too. The pruned copy returned is then that module's
+    stand-in (:func:`.scope.host_model`).
 
     A value mismatch in float32 (or lower) is measured again in float64 copies: removing units
     changes the order of the sums in every layer downstream, and the rest of a network can
@@ -113,7 +181,19 @@ def experiment(model: nn.Module, example_inputs: Any, cuts, exact: bool,
     are compared too, relative to their own magnitude: a wrong map there can be invisible at the
     model's output (a small randomly initialised transformer's attention barely moves its
     logits)."""
-    # layers that read the cut channels without losing outputs of their own
+    for host in scopes.hosts(model, [g for g, _ in cuts]) if scopes is not None else []:
+        try:
+            why, pruned = _experiment(host_model(model, host, scopes), (), cuts, exact, inside)
+        except MaskedBroke:
+            continue
+        if why is None:
+            return None, pruned
+        # an output of the host that changes (per-head attention weights) may be one its caller drops
+    return _experiment(model, example_inputs, cuts, exact, inside)
+
+
+def _experiment(model: nn.Module, example_inputs: Any, cuts, exact: bool,
+                inside: Optional[List[Tuple[str, str]]]) -> Tuple[Optional[Mismatch], nn.Module]:
     outs = {i.module for g, _ in cuts for i in g.items if i.role != "in"}
     consumers = sorted({i.module for g, _ in cuts for i in g.items
                         if i.role == "in" and i.module is not None and i.module not in outs}) if exact else []
@@ -142,12 +222,14 @@ def experiment(model: nn.Module, example_inputs: Any, cuts, exact: bool,
 FRACTION = 0.25
 
 
-def check_group(model: nn.Module, example_inputs: Any, group, fraction: float = FRACTION) -> Optional[str]:
-    """Mask a copy, prune another copy, compare outputs; ``None`` when they agree, else the reason."""
+def check_group(model: nn.Module, example_inputs: Any, group, fraction: float = FRACTION,
+                scopes: Optional[Scopes] = None) -> Optional[str]:
+    """Mask a copy, prune another copy, compare outputs; ``None`` when they agree, else the reason
+    (``scopes``: check on the innermost module that can, see :func:`experiment`)."""
     units = sample_units(group.size, fraction, seed=group.id)
     inside: List[Tuple[str, str]] = []   # modules whose forward is running in the pruned copy
     try:
-        why, _ = experiment(model, example_inputs, [(group, units)], group.exact, inside)
+        why, _ = experiment(model, example_inputs, [(group, units)], group.exact, inside, scopes)
     except Exception as e:  # a cut that breaks the forward is a refused group, not a crash
         where = ""
         if inside and inside[-1][0]:
