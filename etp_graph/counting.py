@@ -72,9 +72,9 @@ MAC_HANDLES: Dict[str, Callable] = {
 FREE_OPS = tuple("""
 aten::_pad_circular aten::abs aten::adaptive_avg_pool1d aten::add aten::add_ aten::amax
 aten::amin aten::avg_pool2d aten::circular_pad1d aten::circular_pad2d aten::clone aten::cos
-aten::cumsum aten::div aten::elu aten::embedding aten::exp aten::expand_as aten::fill_
+aten::cumsum aten::diff aten::div aten::elu aten::embedding aten::exp aten::expand_as aten::fill_
 aten::gelu aten::gelu_ aten::glu aten::hardswish aten::hardtanh aten::im2col aten::index_add_
-aten::index_select aten::leaky_relu aten::log_softmax aten::logsumexp aten::lt
+aten::index_select aten::le aten::leaky_relu aten::log_softmax aten::logsumexp aten::lt
 aten::masked_fill_ aten::max_pool1d aten::max_pool2d aten::max_pool2d_with_indices
 aten::max_pool3d aten::mean aten::mul aten::mul_ aten::ne aten::neg aten::new_ones
 aten::numpy_T aten::ones_like aten::pad aten::pow aten::prelu aten::randint

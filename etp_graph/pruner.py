@@ -23,8 +23,11 @@ from torch import nn
 from .counting import count_macs, count_params, measure_latency as _measure_latency
 from .graph import CoupledGroup, trace
 from .graph.atomic import Snapshot
+from .graph.group import cut_groups, prune_groups
+from .graph.verify import twin
 from .hf import is_hf_model, sync_config
 from .importance import removal_order
+from .planning import MacModel
 from .torque import ETPConfig, Regularizer, make_regularizer
 
 __all__ = ["ETPPruner", "PrunePlan", "PruneReport", "GroupResult"]
@@ -242,13 +245,19 @@ class ETPPruner:
     def _macs(self, model: nn.Module) -> int:
         return count_macs(model, self.example_inputs)
 
-    def _cut_copy(self, plan: Dict[int, List[int]]) -> nn.Module:
-        clone = copy.deepcopy(self.model)
-        for g in self.graph.groups:
-            units = plan.get(g.id)
-            if units:
-                g.cut(clone, sorted(units))
+    def _cut_copy(self, plan: Dict[int, List[int]], share: bool = False) -> nn.Module:
+        """The model with ``plan`` cut: a deep copy, or (``share``, to count it) a twin sharing
+        the tensors a cut leaves alone (:func:`etp_graph.graph.verify.twin`)."""
+        clone = twin(self.model) if share else copy.deepcopy(self.model)
+        cut_groups(clone, [(g, sorted(plan[g.id])) for g in self.graph.groups if plan.get(g.id)])
         return clone
+
+    def _counted(self, plan: Dict[int, List[int]]) -> int:
+        """fvcore MACs of the model with ``plan`` cut."""
+        return self._macs(self._cut_copy(plan, share=True)) if plan else self._macs(self.model)
+
+    def _sizes(self) -> Dict[int, int]:
+        return {g.id: g.size for g in self.graph.groups}
 
     def _blocks(self) -> List[List[CoupledGroup]]:
         """Groups planned together: each alone, or with ``uniform`` the groups of one kind (the
@@ -261,17 +270,18 @@ class ETPPruner:
             kinds.setdefault((re.sub(r"\d+", "*", g.root), g.size), []).append(g)
         return list(kinds.values())
 
-    def _candidates(self, base: int) -> List[tuple]:
+    def _candidates(self, costs: MacModel) -> List[tuple]:
         """Every removable unit (with ``uniform``: the k-th unit of every group of a kind) as
         ``(score, k, ((group id, unit), ...))``, sorted: a unit's share of its group's importance
-        per MAC its removal saves; ``k`` is its place in its group's order."""
-        candidates = []
+        per MAC its removal saves (predicted from per-module costs, :class:`MacModel`); ``k`` is
+        its place in its group's order."""
+        candidates, base = [], costs.total
         for block in self._blocks():
-            ranked, saved = [], 0
+            ranked, saved = [], 0.0
             for g in block:
                 imp, order = self._ranked(g)
                 order = order.tolist()
-                saved += base - self._macs(self._cut_copy({g.id: [order[0]]}))
+                saved += costs.saved_by_one(g.id)
                 # a unit's share of its group's importance, per MAC it saves: a head (1 of 12) and
                 # an FFN unit (1 of 1536) compare by the part of their group's work they do, so
                 # neither kind is cut first just because its units are wide or narrow
@@ -295,9 +305,9 @@ class ETPPruner:
     def max_speedup(self) -> float:
         """The largest MACs speed-up a plan can reach: every group down to one unit (or to
         ``max_pruning_ratio`` and ``round_to``); changes nothing."""
-        base = self._macs(self.model)
-        candidates = self._candidates(base)
-        return base / max(self._macs(self._cut_copy(self._prefix(candidates, len(candidates)))), 1)
+        costs = MacModel(self.model, self.example_inputs, self.graph.groups)
+        candidates = self._candidates(costs)
+        return costs.total / max(self._counted(self._prefix(candidates, len(candidates))), 1)
 
     def path(self, speedups: Sequence[float]) -> List["PrunePlan"]:
         """Plans for several MACs speed-ups from the model as it is now; changes nothing.
@@ -316,31 +326,46 @@ class ETPPruner:
         targets = sorted(float(t) for t in speedups)
         if not targets or targets[0] <= 1:
             raise ValueError(f"speedups must be a non-empty list of numbers > 1, got {list(speedups)}")
-        base = self._macs(self.model)
-        candidates = self._candidates(base)
+        costs = MacModel(self.model, self.example_inputs, self.graph.groups)
+        base = costs.total
+        candidates = self._candidates(costs)
         cache: Dict[int, int] = {}
 
-        def macs(n: int) -> int:
+        def macs(n: int) -> int:   # counted by fvcore
             if n not in cache:
-                cache[n] = self._macs(self._cut_copy(self._prefix(candidates, n))) if n else base
+                cache[n] = self._counted(self._prefix(candidates, n)) if n else base
             return cache[n]
 
-        best = base / max(macs(len(candidates)), 1)
-        if best < targets[-1]:
-            raise ValueError(f"target_speedup={targets[-1]} is unreachable: removing every unit but one in "
-                             f"each of the {len(self.graph.groups)} groups (within max_pruning_ratio and "
-                             f"round_to) gives {best:.2f}x; the model is unchanged")
-        plans, lo = [], 0
+        def reaches(n: int, t: float) -> bool:
+            return base / max(macs(n), 1) >= t
+
+        def unreachable(t: float):
+            best = base / max(macs(len(candidates)), 1)
+            return ValueError(f"target_speedup={t} is unreachable: removing every unit but one in each of "
+                              f"the {len(self.graph.groups)} groups (within max_pruning_ratio and round_to) "
+                              f"gives {best:.2f}x; the model is unchanged")
+
+        plans, floor = [], 0
         for t in targets:
-            hi = len(candidates)      # base / macs(lo) < t <= base / macs(hi)
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if base / max(macs(mid), 1) >= t:
-                    hi = mid
-                else:
-                    lo = mid
-            plans.append(PrunePlan(t, self._prefix(candidates, hi), base, macs(hi)))
-            lo = hi - 1 if hi > 0 else 0
+            # the shortest prefix reaching t: guessed from the prediction, then confirmed by fvcore
+            # (galloping out from the guess until the bracket lo < n <= hi holds, then bisecting)
+            guess = _bisect(floor, len(candidates), lambda n: base / max(costs.predict(self._prefix(candidates, n)), 1) >= t)
+            lo, hi, step = floor, len(candidates), 1
+            if reaches(guess, t):
+                hi = guess
+                while hi - step > floor and reaches(hi - step, t):
+                    hi, step = hi - step, step * 2
+                lo = max(floor, hi - step)
+            else:
+                lo = guess
+                while lo + step < len(candidates) and not reaches(lo + step, t):
+                    lo, step = lo + step, step * 2
+                hi = min(len(candidates), lo + step)
+                if not reaches(hi, t):
+                    raise unreachable(t)
+            hi = _bisect(lo, hi, lambda n: reaches(n, t))
+            plans.append(PrunePlan(t, self._prefix(candidates, hi), base, macs(hi), self._sizes()))
+            floor = hi - 1 if hi > 0 else 0
         return plans
 
     # ------------------------------------------------------------------------------ pruning
@@ -385,18 +410,22 @@ class ETPPruner:
             :class:`PruneReport` with MACs/params before and after, units per group and, when
             ``measure_latency``, the median latency before and after (``inference_mode``).
         """
-        macs_before, params_before = self._macs(self.model), count_params(self.model)
+        params_before = count_params(self.model)
         lat_before = _measure_latency(self.model, self.example_inputs, repeat=latency_repeat) if measure_latency else None
+        if plan is None and self.mode == "target_speedup":
+            plan = self.path([self.amount])[0]
+        # a plan from path() for the model's widths as they are now was counted on it and on its cut
+        counted = plan if isinstance(plan, PrunePlan) and plan.sizes == self._sizes() else None
+        macs_before = counted.macs_before if counted is not None else self._macs(self.model)
         target, plan = self._resolve_plan(plan)
         snapshot = Snapshot(self.model)
         results = []
         try:
-            for g in self.graph.groups:
-                before, units = g.size, plan.get(g.id, [])
-                if units:
-                    g.prune(units)
-                results.append(GroupResult(g.root, before, g.size, list(units)))
-            macs_after = self._macs(self.model)
+            sizes = [g.size for g in self.graph.groups]
+            prune_groups(self.graph, [(g, plan[g.id]) for g in self.graph.groups if plan.get(g.id)])
+            results = [GroupResult(g.root, n, g.size, list(plan.get(g.id, [])))
+                       for g, n in zip(self.graph.groups, sizes)]
+            macs_after = counted.macs_after if counted is not None else self._macs(self.model)
         except BaseException:
             snapshot.restore()
             self._build()    # the groups were renumbered by the partial prune: trace afresh
@@ -406,6 +435,18 @@ class ETPPruner:
             if is_hf_model(self.model) else None
         return PruneReport(target, macs_before, macs_after, params_before,
                            count_params(self.model), results, lat_before, lat_after, note)
+
+
+def _bisect(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+    """The smallest ``n`` in ``(lo, hi]`` with ``ok(n)``, for ``ok`` false at ``lo`` (or ``lo`` the
+    floor) and true at ``hi`` (monotone)."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 @dataclasses.dataclass(frozen=True)
@@ -419,6 +460,8 @@ class PrunePlan:
     removed: Dict[int, List[int]]
     macs_before: int
     macs_after: int
+    #: group id → units when planned (the counts hold while the model keeps these widths)
+    sizes: Optional[Dict[int, int]] = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def speedup(self) -> float:

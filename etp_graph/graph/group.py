@@ -191,81 +191,110 @@ class CoupledGroup:
         """Physically remove these units from every coupled tensor. Atomic: on error nothing changes.
 
         The group stays usable: its remaining units are renumbered ``0 … size - len(indices) - 1``
-        in the same order, and the other groups of the graph are unaffected.
+        in the same order, and the other groups of the graph stay valid (where they share a
+        tensor dimension with this one, a concat's consumer, their indices follow the cut).
         """
-        units = self._check(indices)
-        if len(units) == 0:
-            return
-        self.cut(self._graph.model, units)
-        self._renumber(units)
+        prune_groups(self._graph, [(self, indices)])
 
     # ------------------------------------------------------------------------------ internals
     def cut(self, model: nn.Module, units: Iterable[int]) -> None:
         """Remove ``units``' slices from ``model``: the graph's model or a copy of it (same module
-        names), without renumbering this group. Atomic: on error ``model`` is unchanged. Use
-        :meth:`prune` for the graph's own model; this is for pruned copies (a plan, a check)."""
-        units = self._check(units)
-        plan: Dict[Tuple[str, str], Dict[int, set]] = {}
-        removed: Dict[Tuple[str, str], set] = {}
+        names), without renumbering. Atomic: on error ``model`` is unchanged. Use :meth:`prune`
+        for the graph's own model and :func:`cut_groups` to cut several groups of one copy."""
+        cut_groups(model, [(self, units)])
+
+    def _renumber(self, units: torch.Tensor, index_gone: Dict[Tuple[str, str, int], torch.Tensor],
+                  channel_gone: Dict[Tuple[Optional[str], str], torch.Tensor]) -> None:
+        """Drop ``units`` (may be none) and shift every index and channel number past the ones
+        removed by the cut (of this group and of the others cut with it)."""
+        unit_map = torch.full((self.size,), -1, dtype=torch.long)
+        dropped = set(units.tolist())
+        kept = torch.tensor([u for u in range(self.size) if u not in dropped], dtype=torch.long)
+        unit_map[kept] = torch.arange(len(kept))
+        empty = torch.zeros(0, dtype=torch.long)
         for it in self.items:
+            keep = ~torch.isin(it.unit, units)
+            idx = it.index[keep]
+            it.index = idx - torch.searchsorted(index_gone.get((it.owner, it.attr, it.dim), empty), idx)
+            it.unit = unit_map[it.unit[keep]]
+            ch = it.channel[keep]
+            it.channel = ch - torch.searchsorted(channel_gone.get((it.module, it.role), empty), ch)
+            it.pairs = None
+        self._size = len(kept)
+
+
+def cut_groups(model: nn.Module, cuts: Sequence[Tuple["CoupledGroup", Iterable[int]]]):
+    """Remove every ``(group, units)`` of ``cuts`` from ``model`` at once. Groups may share a
+    tensor dimension (the input columns of a layer after a concat belong to both branches):
+    the indices of all of them are read in the numbering before the cut, so cutting them one
+    after the other would shift the later ones. Atomic: on error ``model`` is unchanged.
+
+    Returns ``(index_gone, channel_gone)``: per ``(owner, attr, dim)`` the sorted indices removed,
+    per ``(layer, role)`` the layer-local channel numbers removed (to renumber the groups)."""
+    plan: Dict[Tuple[str, str], Dict[int, set]] = {}
+    removed: Dict[Tuple[Optional[str], str], set] = {}
+    touched = set()
+    for group, units in cuts:
+        units = group._check(units)
+        for it in group.items:
             sel = torch.isin(it.unit, units)
             if not sel.any():
                 continue
             plan.setdefault((it.owner, it.attr), {}).setdefault(it.dim, set()).update(it.index[sel].tolist())
             if it.module is not None:
                 removed.setdefault((it.module, it.role), set()).update(it.channel[sel].tolist())
-        touched = {o for o, _ in plan} | {m for m, _ in removed} | {c.owner for c in self.counters}
-        # a tensor shared by several modules (tied embeddings) is cut once and stays shared
-        shared: Dict[int, Tuple[torch.Tensor, Dict[int, set], List[Tuple[nn.Module, str]]]] = {}
-        for (owner, attr), dims in plan.items():
-            mod = _resolve(model, owner)
-            t = getattr(mod, attr)
-            entry = shared.setdefault(id(t), (t, {}, []))
+        if len(units):
+            touched |= {c.owner for c in group.counters}
+    touched |= {o for o, _ in plan} | {m for m, _ in removed}
+    # a tensor shared by several modules (tied embeddings) is cut once and stays shared
+    shared: Dict[int, Tuple[torch.Tensor, Dict[int, set], List[Tuple[nn.Module, str]]]] = {}
+    for (owner, attr), dims in plan.items():
+        mod = _resolve(model, owner)
+        t = getattr(mod, attr)
+        entry = shared.setdefault(id(t), (t, {}, []))
+        for dim, drop in dims.items():
+            entry[1].setdefault(dim, set()).update(drop)
+        entry[2].append((mod, attr))
+    with atomic(model, touched):
+        for t, dims, places in shared.values():
+            new = base = t.detach()
             for dim, drop in dims.items():
-                entry[1].setdefault(dim, set()).update(drop)
-            entry[2].append((mod, attr))
-        with atomic(model, touched):
-            for t, dims, places in shared.values():
-                new = base = t.detach()
-                for dim, drop in dims.items():
-                    keep = [i for i in range(new.shape[dim]) if i not in drop]
-                    new = new.index_select(dim, torch.tensor(keep, dtype=torch.long, device=t.device))
-                if new is base:   # (index_select made a new tensor; never share the old one)
-                    new = new.clone()
-                new = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
-                for mod, attr in places:
-                    if isinstance(t, nn.Parameter):
-                        setattr(mod, attr, new)
-                    else:
-                        mod._buffers[attr] = new
-            counts: Dict[str, Dict[str, int]] = {}
-            for (mname, role), ch in removed.items():
-                counts.setdefault(mname, {})[role] = len(ch)
-            for mname, c in counts.items():
-                mod = _resolve(model, mname)
-                get_handler(mod).refresh(mod, c)
-            for c in self.counters:
-                mod = _resolve(model, c.owner)
-                setattr(mod, c.attr, getattr(mod, c.attr) - c.per_unit * len(units))
+                keep = [i for i in range(new.shape[dim]) if i not in drop]
+                new = new.index_select(dim, torch.tensor(keep, dtype=torch.long, device=t.device))
+            if new is base:   # (index_select made a new tensor; never share the old one)
+                new = new.clone()
+            new = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+            for mod, attr in places:
+                if isinstance(t, nn.Parameter):
+                    setattr(mod, attr, new)
+                else:
+                    mod._buffers[attr] = new
+        counts: Dict[str, Dict[str, int]] = {}
+        for (mname, role), ch in removed.items():
+            counts.setdefault(mname, {})[role] = len(ch)
+        for mname, c in counts.items():
+            mod = _resolve(model, mname)
+            get_handler(mod).refresh(mod, c)
+        for group, units in cuts:
+            n = len(group._check(units))
+            for c in group.counters:
+                if n:
+                    mod = _resolve(model, c.owner)
+                    setattr(mod, c.attr, getattr(mod, c.attr) - c.per_unit * n)
+    as_sorted = lambda v: torch.tensor(sorted(v), dtype=torch.long)  # noqa: E731
+    return ({(o, a, d): as_sorted(v) for (o, a), dims in plan.items() for d, v in dims.items()},
+            {k: as_sorted(v) for k, v in removed.items()})
 
-    def _renumber(self, units: torch.Tensor) -> None:
-        shift: Dict[Tuple[str, str, int], torch.Tensor] = {}
-        lost: Dict[Tuple[Optional[str], str], torch.Tensor] = {}
-        for it in self.items:
-            sel = torch.isin(it.unit, units)
-            for table, key, vals in ((shift, (it.owner, it.attr, it.dim), it.index[sel]),
-                                     (lost, (it.module, it.role), it.channel[sel])):
-                table[key] = torch.cat([table.get(key, vals[:0]), vals]).unique()
-        unit_map = torch.full((self.size,), -1, dtype=torch.long)
-        kept = torch.tensor([u for u in range(self.size) if u not in set(units.tolist())], dtype=torch.long)
-        unit_map[kept] = torch.arange(len(kept))
-        for it in self.items:
-            keep = ~torch.isin(it.unit, units)
-            gone = shift[(it.owner, it.attr, it.dim)]
-            idx = it.index[keep]
-            it.index = idx - torch.searchsorted(gone, idx)
-            it.unit = unit_map[it.unit[keep]]
-            ch = it.channel[keep]
-            it.channel = ch - torch.searchsorted(lost[(it.module, it.role)], ch)
-            it.pairs = None
-        self._size = len(kept)
+
+def prune_groups(graph: "ChannelGraph", cuts: Sequence[Tuple["CoupledGroup", Iterable[int]]]) -> None:
+    """Remove ``cuts`` from the graph's model at once (:func:`cut_groups`) and renumber every
+    group of the graph. Atomic: on error nothing changes."""
+    cuts = [(g, g._check(u)) for g, u in cuts]
+    cuts = [(g, u) for g, u in cuts if len(u)]
+    if not cuts:
+        return
+    index_gone, channel_gone = cut_groups(graph.model, cuts)
+    units = {id(g): u for g, u in cuts}
+    empty = torch.zeros(0, dtype=torch.long)
+    for g in list(dict.fromkeys(list(graph.groups) + [g for g, _ in cuts])):
+        g._renumber(units.get(id(g), empty), index_gone, channel_gone)

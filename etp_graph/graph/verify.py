@@ -10,6 +10,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from .group import cut_groups
 from .inputs import flat_tensors, forward
 from .scope import Scopes, host_model
 
@@ -129,8 +130,7 @@ def mask_and_prune(model: nn.Module, example_inputs: Any, cuts: Sequence[Tuple[A
             group.zero_(units, model=masked)
     else:   # the masked run zeroes the shared tensors in place and puts them back after
         masked, pruned = twin(model), twin(model)
-    for group, units in cuts:
-        group.cut(pruned, units)
+    cut_groups(pruned, cuts)
     hooks = []
     for name, (got_m, got_p) in (watch or {}).items():
         for copy_, got in ((masked, got_m), (pruned, got_p)):

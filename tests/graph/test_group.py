@@ -3,10 +3,12 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import etp_graph as eg
+from etp_graph.graph.group import cut_groups
 from graph_models import X6, X8, assert_unchanged, chain, small, snapshot
 
 
@@ -75,3 +77,31 @@ def test_cut_of_a_copy_checks_indices_and_leaves_the_group_numbering():
     assert clone[0].out_channels == 6 and m[0].out_channels == 8 and grp.size == 8
     with pytest.raises(ValueError, match="out of range"):
         grp.cut(clone, [9])
+
+
+class TwoBranches(nn.Module):
+    """Two convs concatenated into one consumer: its input columns belong to two groups."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.mix = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1), nn.Conv2d(10, 2, 1)
+
+    def forward(self, x):
+        return self.mix(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1))
+
+
+def test_groups_sharing_a_dimension_cut_together_and_one_after_the_other():
+    m, x = TwoBranches().eval(), torch.randn(2, 3, 4, 4)
+    graph = eg.trace(m, x, ignored_layers=[m.mix])
+    ga, gb = (next(g for g in graph.groups if g.root == r) for r in ("a", "b"))
+    masked = copy.deepcopy(m)
+    ga.zero_([1], model=masked)
+    gb.zero_([2, 5], model=masked)
+    together = copy.deepcopy(m)
+    cut_groups(together, [(ga, [1]), (gb, [2, 5])])
+    assert together.mix.in_channels == 7 and torch.allclose(together(x), masked(x), atol=1e-6)
+    ga.prune([1])          # b's columns of mix move left by one: its group must follow
+    gb.prune([2, 5])
+    assert torch.allclose(m(x), masked(x), atol=1e-6)
+    assert [i.index.tolist() for i in gb.items if i.owner == "mix"] == [[3, 4, 5, 6]]
