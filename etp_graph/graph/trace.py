@@ -93,8 +93,11 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
         raise ValueError(f"attention_units must be one of {UNIT_KINDS}, got {attention_units!r}")
     bk = Backend(tp.DependencyGraph())
     with eval_mode(model), bk.tolerant():
-        _run(model, example_inputs)
-        build_backend(model, example_inputs, bk)
+        try:
+            build_backend(model, example_inputs, bk)
+        except Exception:
+            _run(model, example_inputs)   # a model that cannot run at all gets the clear error
+            raise
         map_indices(bk)
         graph = ChannelGraph(model)
         try:
@@ -181,14 +184,26 @@ def _rooted(bk: Backend, graph: ChannelGraph, name: str, m: nn.Module, ignored: 
 def _check_all(model: nn.Module, example_inputs, groups: List[CoupledGroup], scopes) -> Dict[int, str]:
     """``id(group)`` → reason for every group that fails its mask-then-prune check.
 
-    A group whose cut stays inside one module is checked on that module alone (:mod:`.scope`);
-    the others are checked together (their sampled units cut at once, in one masked and one
-    pruned copy) and the set is halved only where that disagrees, so a model whose groups all
-    hold costs a few forwards instead of two copies and two forwards per group. Exact and
-    shape-checked groups are never mixed; a group alone gets :func:`check_group`'s reason."""
+    First all groups together (their sampled units cut at once, in one masked and one pruned
+    twin): a model whose groups all hold costs two forwards. Where that disagrees, a group whose
+    cut stays inside one module is checked on that module alone (:mod:`.scope`), and the others
+    are halved until each failing one stands alone. Exact and shape-checked groups are never
+    mixed; a group alone gets :func:`check_group`'s reason."""
+    if not groups or _all_hold(model, example_inputs, groups):
+        return {}
     local = [g for g in groups if scopes.hosts(model, [g])]
     problems = {id(g): p for g in local for p in [check_group(model, example_inputs, g, scopes=scopes)] if p}
     return {**problems, **_check_together(model, example_inputs, [g for g in groups if g not in local])}
+
+
+def _all_hold(model: nn.Module, example_inputs, groups: List[CoupledGroup]) -> bool:
+    """One masked/pruned pair for all ``groups`` (their sampled units cut at once) agrees."""
+    cuts = [(g, sample_units(g.size, FRACTION, seed=g.id)) for g in groups]
+    try:
+        why, _ = experiment(model, example_inputs, cuts, groups[0].exact)
+    except Exception:
+        return False
+    return why is None
 
 
 def _check_together(model: nn.Module, example_inputs, groups: List[CoupledGroup]) -> Dict[int, str]:
@@ -197,12 +212,7 @@ def _check_together(model: nn.Module, example_inputs, groups: List[CoupledGroup]
     if len(groups) == 1:
         problem = check_group(model, example_inputs, groups[0])
         return {id(groups[0]): problem} if problem else {}
-    cuts = [(g, sample_units(g.size, FRACTION, seed=g.id)) for g in groups]
-    try:
-        why, _ = experiment(model, example_inputs, cuts, groups[0].exact)
-    except Exception:
-        why = "the forward broke"
-    if why is None:
+    if _all_hold(model, example_inputs, groups):
         return {}
     half = len(groups) // 2
     return {**_check_together(model, example_inputs, groups[:half]),
@@ -239,22 +249,42 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
         g.id = k   # seeds the units each check samples
     problems: Dict[int, str] = {}
     attempts = [g for a in found.values() if not a.reason for g in a.attempts]
-    scopes = capture(model, example_inputs, (pending if validate else []) + attempts) \
-        if validate or attempts else None
+    # the hosts' inputs are recorded only if a check needs them (not when every group holds at once)
+    scopes = _Lazy(lambda: capture(model, example_inputs, (pending if validate else []) + attempts))
     if validate:
         for exact in (True, False):
             problems.update(_check_all(model, example_inputs, [g for g in pending if g.exact == exact], scopes))
+    firsts = [a.attempts[0] for a in found.values() if not a.reason and a.attempts]
+    for k, g in enumerate(firsts):
+        g.id = len(pending) + k
+    settled = len(firsts) > 1 and all(g.exact for g in firsts) and _all_hold(model, example_inputs, firsts)
     for name, g in entries:
         if g is None:
             continue
         if isinstance(g, SkippedGroup):
             graph.skipped.append(g)
         elif not isinstance(g, CoupledGroup):
-            _keep_attention(graph, g, example_inputs, scopes)
+            if settled and not g.reason and g.attempts:   # every first attempt held, checked together
+                g.attempts[0]._graph, g.attempts[0].id = graph, len(graph.groups)
+                graph.groups.append(g.attempts[0])
+            else:
+                _keep_attention(graph, g, example_inputs, scopes)
         elif id(g) in problems:
             graph.skipped.append(SkippedGroup(name, problems[id(g)]))
         else:
             _keep(graph, name, g, validate)
+
+
+class _Lazy:
+    """Made on first use."""
+
+    def __init__(self, make):
+        self._make, self._value = make, None
+
+    def __getattr__(self, name):
+        if self._value is None:
+            self._value = self._make()
+        return getattr(self._value, name)
 
 
 def _keep(graph: ChannelGraph, name: str, group: CoupledGroup, validate: bool) -> None:

@@ -112,7 +112,8 @@ def masked_in_place(cuts: Sequence[Tuple[Any, Sequence[int]]], model: nn.Module)
 def mask_and_prune(model: nn.Module, example_inputs: Any, cuts: Sequence[Tuple[Any, Sequence[int]]],
                    inside: Optional[List[Tuple[str, str]]] = None,
                    dtype: Optional[torch.dtype] = None,
-                   watch: Optional[Dict[str, Tuple[list, list]]] = None) -> Tuple[Any, Any, nn.Module]:
+                   watch: Optional[Dict[str, Tuple[list, list]]] = None,
+                   mask: bool = True) -> Tuple[Any, Any, nn.Module]:
     """The mask-versus-prune experiment, written once: on two copies of ``model`` (eval mode,
     see :func:`twin`), zero the ``(group, units)`` of ``cuts`` in one (in the shared tensors,
     put back right after its forward, see :func:`masked_in_place`) and remove them from the
@@ -121,12 +122,13 @@ def mask_and_prune(model: nn.Module, example_inputs: Any, cuts: Sequence[Tuple[A
     ``(name, class)`` of the modules whose forward is in progress (to say where a forward broke).
     ``dtype``: run the experiment with both copies (then full copies) and the floating inputs in
     this precision. ``watch``: module name → two lists that receive that module's outputs in the
-    masked and the pruned copy. Raises :class:`MaskedBroke` when the masked copy cannot run."""
+    masked and the pruned copy. ``mask=False``: the first copy runs unmasked (a shape check
+    compares shapes only). Raises :class:`MaskedBroke` when the masked copy cannot run."""
     if dtype is not None:   # ``Module.to`` converts parameters in place: nothing may be shared
         masked, pruned = copy.deepcopy(model).eval().to(dtype), copy.deepcopy(model).eval().to(dtype)
         example_inputs = pytree.tree_map(
             lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, example_inputs)
-        for group, units in cuts:
+        for group, units in cuts if mask else []:
             group.zero_(units, model=masked)
     else:   # the masked run zeroes the shared tensors in place and puts them back after
         masked, pruned = twin(model), twin(model)
@@ -146,7 +148,7 @@ def mask_and_prune(model: nn.Module, example_inputs: Any, cuts: Sequence[Tuple[A
     try:
         with torch.no_grad():
             try:
-                with masked_in_place(cuts if dtype is None else [], masked):
+                with masked_in_place(cuts if dtype is None and mask else [], masked):
                     a = forward(masked, example_inputs)
             except Exception as e:
                 raise MaskedBroke(f"{type(e).__name__}: {e}") from e
@@ -200,7 +202,7 @@ def _experiment(model: nn.Module, example_inputs: Any, cuts, exact: bool,
 
     def run(dtype=None, inside=None) -> Tuple[Optional[Mismatch], nn.Module]:
         watch = {n: ([], []) for n in consumers}
-        a, b, pruned = mask_and_prune(model, example_inputs, cuts, inside, dtype, watch)
+        a, b, pruned = mask_and_prune(model, example_inputs, cuts, inside, dtype, watch, mask=exact)
         why = compare(a, b, exact)
         for n, (got_m, got_p) in watch.items():
             if why is None:
