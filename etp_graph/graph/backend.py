@@ -232,11 +232,23 @@ def _traced_outputs(out: Any) -> List[torch.Tensor]:
     return [t for t in flat_tensors(out) if t.grad_fn is not None]
 
 
+def _shape_only(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, device="meta")
+
+
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def build_backend(model: nn.Module, example_inputs: Any, backend: Optional[Backend] = None) -> Backend:
     """Trace ``model`` with Torch-Pruning (inside ``backend.tolerant()``); record every node's shape."""
     backend = backend if backend is not None else Backend(tp.DependencyGraph())
     recorder = _ShapeRecorder()
-    with warnings.catch_warnings(), _opaque_leaves(model), torch.enable_grad():
+    # autograd keeps what a backward would need; nothing runs backward here, and the graph is
+    # read for its ops, dims and shapes only: saved tensors become shape-only (meta) stand-ins,
+    # so the graph holds no activation
+    with warnings.catch_warnings(), _opaque_leaves(model), torch.enable_grad(), \
+            torch.autograd.graph.saved_tensors_hooks(_shape_only, _as_is):
         warnings.simplefilter("ignore")
         with recorder:
             backend.dg.build_dependency(model, example_inputs, customized_pruners=_leaf_pruners(model),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import weakref
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
@@ -163,7 +164,7 @@ class _Mode(TorchFunctionMode):
 
 class _Run:
     def __init__(self):
-        self.shadow: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}   # id(tensor) → (tensor, shadow)
+        self.shadow: Dict[int, Tuple[Any, torch.Tensor]] = {}   # id(tensor) → (weak ref, shadow)
         self.hidden = 0          # > 0 inside a module with a handler
         self.stack: List[str] = []
         self.products: List[Product] = []
@@ -173,13 +174,20 @@ class _Run:
     def get(self, t) -> Optional[torch.Tensor]:
         if isinstance(t, torch.Tensor):
             hit = self.shadow.get(id(t))
-            if hit is not None and hit[0] is t:
+            if hit is not None and hit[0]() is t:
                 return hit[1]
         return None
 
     def put(self, t: torch.Tensor, s: torch.Tensor) -> None:
+        """Shadow ``t`` with ``s`` while ``t`` lives (a weak reference: the run keeps no
+        activation alive, and a shadow goes with its tensor)."""
         if isinstance(t, torch.Tensor) and isinstance(s, torch.Tensor) and s.shape == t.shape:
-            self.shadow[id(t)] = (t, s)
+            key = id(t)
+
+            def gone(ref, key=key, table=self.shadow):
+                if table.get(key, (None,))[0] is ref:
+                    del table[key]
+            self.shadow[key] = (weakref.ref(t, gone), s)
 
     # ------------------------------------------------------------------------------ rules
     def step(self, func, args, kwargs, out) -> None:
