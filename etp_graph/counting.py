@@ -74,9 +74,9 @@ aten::_pad_circular aten::abs aten::adaptive_avg_pool1d aten::add aten::add_ ate
 aten::amin aten::avg_pool2d aten::circular_pad1d aten::circular_pad2d aten::clone aten::cos
 aten::cumsum aten::diff aten::div aten::elu aten::embedding aten::exp aten::expand_as aten::fill_
 aten::gelu aten::gelu_ aten::glu aten::hardswish aten::hardtanh aten::im2col aten::index_add_
-aten::index_select aten::le aten::leaky_relu aten::log_softmax aten::logsumexp aten::lt
+aten::index_select aten::le aten::leaky_relu aten::log aten::log_softmax aten::logsumexp aten::lt
 aten::masked_fill_ aten::max_pool1d aten::max_pool2d aten::max_pool2d_with_indices
-aten::max_pool3d aten::mean aten::mul aten::mul_ aten::ne aten::neg aten::new_ones
+aten::max_pool3d aten::mean aten::min aten::mul aten::mul_ aten::ne aten::neg aten::new_ones
 aten::numpy_T aten::ones_like aten::pad aten::pow aten::prelu aten::randint
 aten::reflection_pad1d aten::reflection_pad2d aten::repeat aten::replication_pad1d
 aten::replication_pad2d aten::rsqrt aten::rsub aten::scatter aten::scatter_add

@@ -131,6 +131,8 @@ class ETPPruner:
     numbers, e.g. every ``model.layers.*.mlp.gate_proj``) keep the same number of units, each
     its own most important ones, so a Hugging Face model's config can describe the pruned model
     (see :func:`etp_graph.hf.sync_config`).
+    ``outputs``: the model outputs a cut must leave as they are (passed to :func:`trace`), e.g.
+    ``["logits"]`` for a T5, whose ``encoder_last_hidden_state`` narrows with its hidden width.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterable[nn.Module]] = None,
@@ -138,7 +140,8 @@ class ETPPruner:
                  target_speedup: Optional[float] = None, threshold: Optional[float] = None,
                  attention_units: str = "heads", max_pruning_ratio: Optional[float] = None,
                  group_filter: Optional[Callable[[CoupledGroup], bool]] = None, round_to: Optional[int] = None,
-                 importance: Optional[Callable[[CoupledGroup], torch.Tensor]] = None, uniform: bool = False):
+                 importance: Optional[Callable[[CoupledGroup], torch.Tensor]] = None, uniform: bool = False,
+                 outputs: Optional[Sequence[Any]] = None):
         given = {k: v for k, v in (("pruning_ratio", pruning_ratio), ("target_speedup", target_speedup),
                                    ("threshold", threshold)) if v is not None}
         if len(given) != 1:
@@ -172,11 +175,12 @@ class ETPPruner:
             raise TypeError(f"importance must be a callable taking a CoupledGroup, got {type(importance).__name__}")
         self._importance = importance
         self.uniform = bool(uniform)
+        self.outputs = outputs
         self._build()
 
     def _build(self) -> None:
         self.graph = trace(self.model, self.example_inputs, self.ignored_layers,
-                           attention_units=self.attention_units)
+                           attention_units=self.attention_units, outputs=self.outputs)
         if self.group_filter is not None:     # the others stay as they are: groups are independent
             self.graph.groups[:] = [g for g in self.graph.groups if self.group_filter(g)]
         self.regularizer: Regularizer = make_regularizer(self.graph.groups, self.config, self.model)

@@ -8,6 +8,7 @@ from torch import nn
 
 from .counting import count_macs, count_params
 from .graph import trace
+from .graph.inputs import Outputs
 from .graph.verify import experiment, sample_units
 
 __all__ = ["assert_prune_equivalent", "GroupCheck"]
@@ -27,7 +28,7 @@ def assert_prune_equivalent(model: nn.Module, example_inputs: Any,
                             ignored_layers: Optional[Iterable[nn.Module]] = None, *,
                             fraction: float = 0.25, check_macs: bool = True,
                             attention_units: str = "heads", units: Optional[Sequence[int]] = None,
-                            together: bool = False) -> List[GroupCheck]:
+                            together: bool = False, outputs: Optional[Sequence[Any]] = None) -> List[GroupCheck]:
     """For every group of ``eg.trace(model, …)``: masking units equals pruning them.
 
     On two deep copies of ``model``, some units of a group are zeroed in one and removed from
@@ -40,14 +41,17 @@ def assert_prune_equivalent(model: nn.Module, example_inputs: Any,
     with other seeds than ``trace``'s own verification), then the first and then the last unit,
     three checks per group; ``units=[...]``: exactly these units of every group, one check per
     group. ``together=True``: one check that removes them from every group at once.
-    ``attention_units`` is passed to ``trace`` (``"heads"`` or ``"head_dims"``).
+    ``attention_units`` and ``outputs`` (the outputs compared; default all) are passed to
+    ``trace``.
 
     Raises:
         AssertionError: listing every group that failed, with the reason.
     """
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-    graph = trace(model, example_inputs, ignored_layers=ignored_layers, attention_units=attention_units)
+    graph = trace(model, example_inputs, ignored_layers=ignored_layers, attention_units=attention_units,
+                  outputs=outputs)
+    probe = Outputs(example_inputs, outputs) if outputs is not None else example_inputs
     base = (count_params(model), count_macs(model, example_inputs) if check_macs else 0)
 
     def chosen(g) -> List[List[int]]:
@@ -61,7 +65,7 @@ def assert_prune_equivalent(model: nn.Module, example_inputs: Any,
         cuts = [[(g, u)] for g in graph.groups for u in chosen(g)]
     results, failures = [], []
     for cut in cuts:
-        why, after = _check(model, example_inputs, cut, base, check_macs)
+        why, after = _check(model, probe, cut, base, check_macs)
         g, u = cut[0] if len(cut) == 1 else (None, [])
         where = f"group {g.id} rooted at {g.root!r} (units {u[:8]})" if g is not None else "every group at once"
         if why:

@@ -163,3 +163,42 @@ def test_uneven_layers_leave_the_config_and_say_why():
     report = pruner.step(plan={first_ffn.id: list(range(64))})     # one layer's FFN only
     assert model.config.to_dict() == before
     assert "uniform=True" in report.config_note and "save_pruned" in report.config_note
+
+
+def _t5():
+    torch.manual_seed(0)
+    cfg = T.T5Config(num_layers=3, num_decoder_layers=2, d_model=48, d_ff=96, num_heads=4, d_kv=12, vocab_size=90,
+                     decoder_start_token_id=0)
+    g = torch.Generator().manual_seed(2)
+    x = {"input_ids": torch.randint(0, 90, (2, 7), generator=g), "decoder_input_ids": torch.randint(0, 90, (2, 5), generator=g)}
+    return T.T5ForConditionalGeneration(cfg).eval(), x
+
+
+def test_t5_tied_width_and_cross_attention_prune_when_only_the_logits_must_stay():
+    model, x = _t5()
+    # by default the encoder's last hidden state is an output whose width must stay
+    g = eg.trace(model, x, ignored_layers=[model.lm_head])
+    assert [s.reason for s in g.skipped if s.root == "encoder.embed_tokens"][0].startswith("its channels reach a model output")
+    g = eg.trace(model, x, ignored_layers=[model.lm_head], outputs=["logits"])
+    assert not g.skipped
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    rows = {i.owner for gr in g.groups for i in gr.items if i.attr == "weight" and i.dim == 0}
+    assert set(linears) <= rows
+    width = next(gr for gr in g.groups if gr.root == "encoder.embed_tokens")
+    assert width.size == 48 and {"shared", "encoder.embed_tokens", "decoder.embed_tokens"} <= set(width.modules)
+    # the cross-attentions pass a zero bias of n_heads from layer to layer: one group for both
+    cross = next(gr for gr in g.groups if "EncDecAttention" in gr.root)
+    assert cross.size == 4 and {f"decoder.block.{b}.layer.1.EncDecAttention.q" for b in (0, 1)} <= set(cross.modules)
+    assert_prune_equivalent(model, x, ignored_layers=[model.lm_head], outputs=["logits"], check_macs=False)
+
+
+def test_t5_pruned_keeps_its_ties_and_runs():
+    model, x = _t5()
+    pruner = eg.ETPPruner(model, x, ignored_layers=[model.lm_head], pruning_ratio=0.25, outputs=["logits"])
+    report = pruner.step()
+    assert report.macs_after < report.macs_before
+    assert model.shared.weight is model.encoder.embed_tokens.weight is model.decoder.embed_tokens.weight
+    assert model.shared.weight.shape == (90, 36) and model.lm_head.weight.shape == (90, 36)
+    assert model(**x).logits.shape == (2, 5, 90)
+    with pytest.raises(KeyError, match="no 'scores'"):
+        eg.trace(model, x, ignored_layers=[model.lm_head], outputs=["scores"])

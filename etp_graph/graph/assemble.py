@@ -34,6 +34,15 @@ class Refused(Exception):
     """A group that will not be returned; the message is the reason shown to the user."""
 
 
+class Tied(Refused):
+    """A group refused only because a tensor it cuts is tied to a layer it does not cut; ``group``
+    is the group as built, which :func:`merge_tied` may join with the groups on the other side."""
+
+    def __init__(self, reason: str, group: CoupledGroup):
+        super().__init__(reason)
+        self.group = group
+
+
 @dataclasses.dataclass
 class _Entry:
     """One backend dependency seen through our handler: a layer's channels in one role."""
@@ -236,10 +245,88 @@ def _assemble(r: _Reading, root_name: str, gid: int, graph: ChannelGraph, merges
             items.append(SliceItem(owner, attr, s.dim, units[pos], index, e.module, e.role, local[pos]))
     if getattr(graph, "_ties", None) is None:
         graph._ties = tie_index(graph.model)
+    items += mirrored_ties(items, graph._ties, getattr(graph, "_called", None))
+    group = CoupledGroup(graph, gid, root_name, len(ordered), items, r.exact, sorted(set(r.ops)))
     untied = tied_outside(graph.model, items, graph._ties)
     if untied:
-        raise Refused(untied)
-    return CoupledGroup(graph, gid, root_name, len(ordered), items, r.exact, sorted(set(r.ops)))
+        raise Tied(untied, group)
+    return group
+
+
+def merge_tied(groups: Sequence[CoupledGroup], graph: ChannelGraph) -> Tuple[Optional[CoupledGroup], str]:
+    """One group of ``groups`` (each refused for a tie) joined where they cut one tensor: the
+    widths an encoder and a decoder share through tied embeddings are one width. Units of
+    different groups that own the same index of a tied tensor along the same dimension are one
+    unit. Returns ``(group, "")``, or ``(None, reason)`` when the join still leaves a tie outside."""
+    names, tensor_of, _ = graph._ties
+    parent: Dict[Tuple[int, int], Tuple[int, int]] = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+    owner_of: Dict[Tuple[int, int, int], Tuple[int, int]] = {}   # (tensor, dim, index) → (group, unit)
+    for k, g in enumerate(groups):
+        for u in range(g.size):
+            find((k, u))
+        for it in g.items:
+            t = tensor_of.get(f"{it.owner}.{it.attr}" if it.owner else it.attr)
+            if t is None or len(names[id(t)]) < 2:
+                continue
+            for u, i in zip(it.unit.tolist(), it.index.tolist()):
+                other = owner_of.setdefault((id(t), it.dim, i), (k, u))
+                a, b = find(other), find((k, u))
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    classes: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
+    for x in list(parent):
+        classes.setdefault(find(x), []).append(x)
+    ordered = sorted(classes.values(), key=min)
+    if len(ordered) < 2:
+        return None, "fewer than two prunable units after joining the tied widths"
+    unit_of = {x: n for n, cls in enumerate(ordered) for x in cls}
+    items = []
+    for k, g in enumerate(groups):
+        remap = torch.tensor([unit_of[(k, u)] for u in range(g.size)], dtype=torch.long)
+        items += [dataclasses.replace(it, unit=remap[it.unit], pairs=None) for it in g.items]
+    items += mirrored_ties(items, graph._ties, getattr(graph, "_called", None))
+    first = groups[0]
+    merged = CoupledGroup(graph, first.id, first.root, len(ordered), items, all(g.exact for g in groups),
+                          sorted(set().union(*(g.ops for g in groups))))
+    untied = tied_outside(graph.model, items, graph._ties)
+    if untied:
+        return None, untied
+    return merged, ""
+
+
+def mirrored_ties(items: Sequence[SliceItem], index, called: Optional[Set[str]]) -> List[SliceItem]:
+    """Items for the other places of a tied tensor the group cuts, where that place is a layer
+    of the same kind as the one the group reaches that the forward never calls (``called``:
+    the names of the modules it calls; T5's ``shared`` embedding, the alias of
+    ``encoder.embed_tokens``): cut like the place the group has, so the tie holds and that
+    layer's bookkeeping follows."""
+    if called is None:
+        return []
+    names, tensor_of, module_of = index
+    have = {f"{i.owner}.{i.attr}" if i.owner else i.attr for i in items}
+    extra = []
+    for it in items:
+        key = f"{it.owner}.{it.attr}" if it.owner else it.attr
+        t = tensor_of.get(key)
+        if t is None or len(names[id(t)]) < 2 or it.module != it.owner:
+            continue
+        for other in names[id(t)]:
+            owner, _, attr = other.rpartition(".")
+            if other in have or attr != it.attr or owner in called or \
+                    type(module_of.get(owner)) is not type(module_of.get(it.owner)):
+                continue
+            extra.append(dataclasses.replace(it, owner=owner, module=owner, pairs=None))
+    uniq: Dict[Tuple[str, str, int, str], SliceItem] = {}
+    for e in extra:
+        uniq.setdefault((e.owner, e.attr, e.dim, e.role), e)
+    return list(uniq.values())
 
 
 def tied_outside(model: nn.Module, items: Sequence[SliceItem], index=None) -> Optional[str]:

@@ -34,7 +34,7 @@ from torch_pruning.pruner import function as tp_function
 
 from ..handlers import get_handler, registered_handlers
 from ..handlers.base import LayerHandler
-from .inputs import flat_tensors
+from .inputs import Outputs, flat_tensors
 
 __all__ = ["Backend", "NodeFacts", "build_backend"]
 
@@ -251,8 +251,12 @@ def build_backend(model: nn.Module, example_inputs: Any, backend: Optional[Backe
             torch.autograd.graph.saved_tensors_hooks(_shape_only, _as_is):
         warnings.simplefilter("ignore")
         with recorder:
-            backend.dg.build_dependency(model, example_inputs, customized_pruners=_leaf_pruners(model),
-                                        output_transform=_traced_outputs, verbose=False)
+            if isinstance(example_inputs, Outputs):   # only these outputs must keep their channels
+                inputs, transform = example_inputs.inputs, lambda out: _traced_outputs(example_inputs.select(out))
+            else:
+                inputs, transform = example_inputs, _traced_outputs
+            backend.dg.build_dependency(model, inputs, customized_pruners=_leaf_pruners(model),
+                                        output_transform=transform, verbose=False)
     for node in backend.dg.module2node.values():
         if node.grad_fn in recorder.shapes:
             backend.facts(node).shape = recorder.shapes[node.grad_fn]

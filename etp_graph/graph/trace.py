@@ -15,7 +15,8 @@ Every op the channels pass through is mapped, declared harmless (:mod:`.ops`), o
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+import dataclasses
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch_pruning as tp
@@ -23,15 +24,15 @@ from torch import nn
 
 from ..handlers import get_handler
 from ..handlers.base import UNIT_KINDS
-from .assemble import Refused, internal_groups, make_group, shared_channel_merges
+from .assemble import Refused, Tied, internal_groups, make_group, merge_tied, shared_channel_merges
 from .backend import Backend, build_backend
 from .discover import find_attention
 from .graph import ChannelGraph, SkippedGroup, layer_graph
 from .group import CoupledGroup
 from .index_maps import map_indices
-from .inputs import check_example_inputs, eval_mode, forward
+from .inputs import Outputs, OutputsError, check_example_inputs, eval_mode, forward
 from .ops import HARMLESS_OPS, MAPPED_OPS, PRODUCT_OPS, REDUCTIONS, op_name
-from .scope import capture
+from .scope import _common, capture, touched
 from .shadow import shadow_run
 from .verify import FRACTION, check_group, experiment, sample_units
 
@@ -60,7 +61,8 @@ def _ignored_modules(model: nn.Module, ignored_layers: Optional[Iterable[nn.Modu
 
 
 def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterable[nn.Module]] = None,
-          validate: bool = True, attention_units: str = "heads") -> ChannelGraph:
+          validate: bool = True, attention_units: str = "heads",
+          outputs: Optional[Sequence[Any]] = None) -> ChannelGraph:
     """Trace ``model`` into coupled groups of units.
 
     Args:
@@ -72,6 +74,10 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
             (two deep copies and two forwards per group); a failing group goes to ``skipped``.
         attention_units: the unit of head-structured groups: ``"heads"`` (a whole head) or
             ``"head_dims"`` (one dimension in every head).
+        outputs: the model outputs a cut must leave as they are (names of a dict-like output
+            such as a Hugging Face ``ModelOutput``, or positions), e.g. ``["logits"]`` for a T5
+            whose ``encoder_last_hidden_state`` may narrow with the hidden width; default every
+            output.
 
     Returns:
         :class:`ChannelGraph` with ``groups`` in the order of their root layer in
@@ -88,6 +94,8 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_example_inputs(example_inputs)
+    if outputs is not None:   # from here on, a forward returns those outputs only
+        example_inputs = Outputs(example_inputs, outputs)
     ignored = _ignored_modules(model, ignored_layers)
     if attention_units not in UNIT_KINDS:
         raise ValueError(f"attention_units must be one of {UNIT_KINDS}, got {attention_units!r}")
@@ -104,6 +112,7 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
             _collect(bk, graph, example_inputs, ignored, validate, attention_units)
         finally:
             graph.__dict__.pop("_ties", None)   # the tie index of this trace (it holds the tensors)
+            graph.__dict__.pop("_called", None)
     graph.nodes, graph.edges = layer_graph(bk.dg, _op_label)
     return graph
 
@@ -112,6 +121,8 @@ def _run(model: nn.Module, example_inputs: Any) -> None:
     try:
         with torch.no_grad():
             forward(model, example_inputs)
+    except OutputsError:
+        raise
     except Exception as e:
         raise TraceError(f"the model cannot run on example_inputs ({type(e).__name__}: {e}); pass a "
                          "Tensor, a tuple of positional arguments or a dict of keyword arguments "
@@ -140,25 +151,68 @@ def _all_units(dg, m) -> Any:
     return dg.get_pruning_group(m, pruner.prune_out_channels, list(range(n)))
 
 
-def _keep_attention(graph: ChannelGraph, att, example_inputs, scopes) -> None:
+def _keep_attention(graph: ChannelGraph, att, example_inputs, scopes) -> Optional[SkippedGroup]:
     """An attention found from the trace: the first bookkeeping attempt that verifies (always
     verified: the attempts differ only in what the forward reads; on the attention module alone
-    where it holds every use of the heads, see :mod:`.scope`)."""
+    where it holds every use of the heads, see :mod:`.scope`). Returns the refusal, not yet
+    recorded (:func:`_join_layers` may still keep it)."""
     if att.reason:
-        graph.skipped.append(SkippedGroup(att.root, att.reason))
-        return
+        return SkippedGroup(att.root, att.reason)
     problems = []
     for group in att.attempts:
         group._graph, group.id = graph, len(graph.groups)
         problem = check_group(graph.model, example_inputs, group, scopes=scopes)
         if problem is None:
             graph.groups.append(group)
-            return
+            return None
         problems.append(problem)
     # the attempt that ran to the end says more than one whose forward broke on a stale count
     ran = [p for p in problems if p.startswith("verification failed")]
-    graph.skipped.append(SkippedGroup(att.root, f"attention heads: {(ran or problems)[0]} (tried "
-                                                f"{len(att.attempts)} sets of attribute updates)"))
+    return SkippedGroup(att.root, f"attention heads: {(ran or problems)[0]} (tried "
+                                  f"{len(att.attempts)} sets of attribute updates)")
+
+
+def _reorder(graph: ChannelGraph) -> None:
+    """Groups in the order of their root layer in ``named_modules()``, ids renumbered to match."""
+    order = {n: k for k, (n, _) in enumerate(graph.model.named_modules())}
+    old = {id(g): g.id for g in graph.groups}
+    graph.groups.sort(key=lambda g: order.get(g.root, len(order)))
+    new = {old[id(g)]: k for k, g in enumerate(graph.groups)}
+    for k, g in enumerate(graph.groups):
+        g.id = k
+    graph.unknown_ops = {op: [new[i] for i in ids] for op, ids in graph.unknown_ops.items()}
+
+
+def _join_layers(graph: ChannelGraph, failed: List[Tuple[Any, SkippedGroup]], example_inputs) -> None:
+    """Attentions that fail alone, joined across layers: where a layer hands a tensor shaped by
+    its head count to the next (T5's cross-attention makes a zero bias of ``n_heads`` once and
+    passes it on), the same heads must go in every such layer. Attentions of one kind (the
+    same module class, as many units) become one group whose unit ``k`` is unit ``k`` of each,
+    tried with the ``k``-th bookkeeping attempt of each (or its last) and verified like any
+    other; what still fails keeps its own reason."""
+    kinds: Dict[Tuple[str, int, int], List[Tuple[Any, SkippedGroup]]] = {}
+    for att, why in failed:
+        if att.reason or not att.attempts:
+            graph.skipped.append(why)
+            continue
+        host = _common(touched(att.attempts[0]))
+        key = (type(graph.model.get_submodule(host)).__name__ if host else "", att.attempts[0].size)
+        kinds.setdefault(key, []).append((att, why))
+    for members in kinds.values():
+        if len(members) > 1:
+            for k in range(max(len(att.attempts) for att, _ in members)):
+                parts = [att.attempts[min(k, len(att.attempts) - 1)] for att, _ in members]
+                heads = {n: h for p in parts for n, h in p.heads.items()}
+                joined = CoupledGroup(graph, len(graph.groups), parts[0].root, parts[0].size,
+                                      [dataclasses.replace(i, pairs=None) for p in parts for i in p.items], True,
+                                      ["attention"], [c for p in parts for c in p.counters], heads)
+                if check_group(graph.model, example_inputs, joined) is None:
+                    graph.groups.append(joined)
+                    break
+            else:
+                graph.skipped.extend(why for _, why in members)
+            continue
+        graph.skipped.extend(why for _, why in members)
 
 
 def _rooted(bk: Backend, graph: ChannelGraph, name: str, m: nn.Module, ignored: Set[nn.Module],
@@ -177,6 +231,8 @@ def _rooted(bk: Backend, graph: ChannelGraph, name: str, m: nn.Module, ignored: 
             visited.add(item.dep.target.module)
     try:
         return make_group(bk, tpg, name, ignored, 0, graph, shared_channel_merges(bk, m, tpg), units)
+    except Tied as r:   # kept for merge_tied: the other side of the tie may be another group
+        return _TiedEntry(name, str(r), r.group)
     except Refused as r:
         return SkippedGroup(name, str(r))
 
@@ -226,6 +282,7 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
     output channels (unless an earlier group already covers them); verified, then kept or
     skipped with the reason."""
     model, dg = graph.model, bk.dg
+    graph._called = {n for n, m in model.named_modules(remove_duplicate=False) if m in dg.module2node}
     visited: Set[nn.Module] = set()
     roots = {id(m) for _, m in _root_modules(model, dg, ignored)}
     names = {m: n for n, m in model.named_modules()}
@@ -244,6 +301,7 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
             entries.append((name, found[name]))
         if id(m) in roots and m not in visited:
             entries.append((name, _rooted(bk, graph, name, m, ignored, visited, units)))
+    entries = _join_tied(entries, graph)
     pending = [g for _, g in entries if isinstance(g, CoupledGroup)]
     for k, g in enumerate(pending):
         g.id = k   # seeds the units each check samples
@@ -258,6 +316,7 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
     for k, g in enumerate(firsts):
         g.id = len(pending) + k
     settled = len(firsts) > 1 and all(g.exact for g in firsts) and _all_hold(model, example_inputs, firsts)
+    failed: List[Tuple[Any, SkippedGroup]] = []
     for name, g in entries:
         if g is None:
             continue
@@ -268,11 +327,60 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
                 g.attempts[0]._graph, g.attempts[0].id = graph, len(graph.groups)
                 graph.groups.append(g.attempts[0])
             else:
-                _keep_attention(graph, g, example_inputs, scopes)
+                why = _keep_attention(graph, g, example_inputs, scopes)
+                if why is not None:
+                    failed.append((g, why))
         elif id(g) in problems:
             graph.skipped.append(SkippedGroup(name, problems[id(g)]))
         else:
             _keep(graph, name, g, validate)
+    if failed:
+        _join_layers(graph, failed, example_inputs)
+        _reorder(graph)
+
+
+@dataclasses.dataclass
+class _TiedEntry:
+    root: str
+    reason: str
+    group: CoupledGroup
+
+
+def _join_tied(entries: List[Tuple[str, Any]], graph: ChannelGraph) -> List[Tuple[str, Any]]:
+    """Groups refused for a tie to another group's layers, joined (:func:`merge_tied`) where
+    the join holds every tie; the rest refused with their reason."""
+    tied = [(k, e) for k, (_, e) in enumerate(entries) if isinstance(e, _TiedEntry)]
+    names = graph._ties[0] if tied else {}
+    tensor_of = graph._ties[1] if tied else {}
+    link: Dict[int, int] = {}
+    by_tensor: Dict[int, int] = {}
+    for k, e in tied:
+        link.setdefault(k, k)
+        for it in e.group.items:
+            t = tensor_of.get(f"{it.owner}.{it.attr}" if it.owner else it.attr)
+            if t is not None and len(names[id(t)]) >= 2:
+                other = by_tensor.setdefault(id(t), k)
+                a, b = _root(link, other), _root(link, k)
+                link[max(a, b)] = min(a, b)
+    sets: Dict[int, List[int]] = {}
+    for k, _ in tied:
+        sets.setdefault(_root(link, k), []).append(k)
+    out = list(entries)
+    for ks in sets.values():
+        merged, why = merge_tied([entries[k][1].group for k in ks], graph) if len(ks) > 1 else (None, "")
+        for n, k in enumerate(ks):
+            name, e = entries[k]
+            if merged is not None:
+                out[k] = (name, merged if n == 0 else None)
+            else:
+                out[k] = (name, SkippedGroup(e.root, e.reason + (f"; joined with the other side: {why}" if why else "")))
+    return out
+
+
+def _root(link: Dict[int, int], k: int) -> int:
+    while link[k] != k:
+        k = link[k]
+    return k
 
 
 class _Lazy:

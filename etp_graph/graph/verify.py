@@ -11,7 +11,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .group import cut_groups
-from .inputs import flat_tensors, forward
+from .inputs import Outputs, flat_tensors, forward
 from .scope import Scopes, host_model
 
 
@@ -126,8 +126,10 @@ def mask_and_prune(model: nn.Module, example_inputs: Any, cuts: Sequence[Tuple[A
     compares shapes only). Raises :class:`MaskedBroke` when the masked copy cannot run."""
     if dtype is not None:   # ``Module.to`` converts parameters in place: nothing may be shared
         masked, pruned = copy.deepcopy(model).eval().to(dtype), copy.deepcopy(model).eval().to(dtype)
-        example_inputs = pytree.tree_map(
-            lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, example_inputs)
+        convert = lambda x: pytree.tree_map(  # noqa: E731
+            lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
+        example_inputs = Outputs(convert(example_inputs.inputs), example_inputs.keys) \
+            if isinstance(example_inputs, Outputs) else convert(example_inputs)
         for group, units in cuts if mask else []:
             group.zero_(units, model=masked)
     else:   # the masked run zeroes the shared tensors in place and puts them back after
