@@ -202,3 +202,28 @@ def test_t5_pruned_keeps_its_ties_and_runs():
     assert model(**x).logits.shape == (2, 5, 90)
     with pytest.raises(KeyError, match="no 'scores'"):
         eg.trace(model, x, ignored_layers=[model.lm_head], outputs=["scores"])
+
+
+def _bert():
+    torch.manual_seed(0)
+    return T.BertForSequenceClassification(T.BertConfig(vocab_size=100, num_hidden_layers=2, hidden_size=64,
+                                                        intermediate_size=128, num_attention_heads=4)), "classifier", 4
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_uneven_prune_round_trips_through_save_pruned(name, tmp_path):
+    build = _bert if name == "bert" else lambda: _build(name)
+    model, head, _ = build()
+    model.eval()
+    x = _inputs(name)
+    graph = eg.trace(model, x, ignored_layers=[model.get_submodule(head)])
+    attention = [g for g in graph.groups if g.heads]
+    ffn = [g for g in graph.groups if not g.heads and g.exact and g.size > 64]   # wider than the hidden width
+    attention[0].prune([0])          # one head less in the first layer only
+    ffn[-1].prune(list(range(10)))   # ten FFN units less in the last layer only
+    widths = [g.size for g in attention + ffn]
+    assert widths[0] == attention[1].size - 1 and ffn[-1].size == ffn[0].size - 10
+    eg.save_pruned(model, tmp_path / "m.pt")
+    fresh = eg.load_pruned(lambda: build()[0], tmp_path / "m.pt").eval()
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, fresh(**x).logits)
