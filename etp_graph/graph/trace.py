@@ -34,7 +34,7 @@ from .inputs import Outputs, OutputsError, check_example_inputs, eval_mode, forw
 from .ops import HARMLESS_OPS, MAPPED_OPS, PRODUCT_OPS, REDUCTIONS, op_name
 from .scope import _common, capture, touched
 from .shadow import shadow_run
-from .verify import FRACTION, check_group, experiment, sample_units
+from .verify import check_group, check_units, experiment
 
 __all__ = ["trace", "TraceError"]
 
@@ -254,7 +254,7 @@ def _check_all(model: nn.Module, example_inputs, groups: List[CoupledGroup], sco
 
 def _all_hold(model: nn.Module, example_inputs, groups: List[CoupledGroup]) -> bool:
     """One masked/pruned pair for all ``groups`` (their sampled units cut at once) agrees."""
-    cuts = [(g, sample_units(g.size, FRACTION, seed=g.id)) for g in groups]
+    cuts = [(g, check_units(g)) for g in groups]
     try:
         why, _ = experiment(model, example_inputs, cuts, groups[0].exact)
     except Exception:

@@ -224,13 +224,21 @@ def _experiment(model: nn.Module, example_inputs: Any, cuts, exact: bool,
 
 #: the share of a group's units a check removes (at least one, never all)
 FRACTION = 0.25
+#: ... in a shape check: nothing is masked there, and the pruned copy costs what it keeps
+SHAPE_FRACTION = 0.75
 
 
-def check_group(model: nn.Module, example_inputs: Any, group, fraction: float = FRACTION,
+def check_units(group) -> List[int]:
+    """The units a check of ``group`` removes (reproducible, seeded by its id)."""
+    return sample_units(group.size, FRACTION if group.exact else SHAPE_FRACTION, seed=group.id)
+
+
+def check_group(model: nn.Module, example_inputs: Any, group, fraction: Optional[float] = None,
                 scopes: Optional[Scopes] = None) -> Optional[str]:
     """Mask a copy, prune another copy, compare outputs; ``None`` when they agree, else the reason
-    (``scopes``: check on the innermost module that can, see :func:`experiment`)."""
-    units = sample_units(group.size, fraction, seed=group.id)
+    (``fraction``: of the units removed, default :func:`check_units`'s; ``scopes``: check on the
+    innermost module that can, see :func:`experiment`)."""
+    units = check_units(group) if fraction is None else sample_units(group.size, fraction, seed=group.id)
     inside: List[Tuple[str, str]] = []   # modules whose forward is running in the pruned copy
     try:
         why, _ = experiment(model, example_inputs, [(group, units)], group.exact, inside, scopes)
