@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from torch import nn
 
 from .counting import _analysis, eval_mode
-from .graph.scope import _common, touched
+from .graph.scope import common_prefix, touched
 
 __all__ = ["MacModel"]
 
@@ -44,7 +44,7 @@ class MacModel:
             for it in g.items:
                 owned.setdefault((it.owner, it.attr), {}).setdefault(it.dim, {}).setdefault(g.id, set()).update(
                     it.index.tolist())
-        scope = {g.id: _common(touched(g)) for g in groups}
+        scope = {g.id: common_prefix(touched(g)) for g in groups}
         inside = {g.id: {it.owner for it in g.items} for g in groups if g.heads}   # attentions' layers
         #: (own MACs, ((length, ((group id, indices per unit), ...)) per cut dim), groups that scale it)
         self.terms: List[Tuple[int, tuple, tuple]] = []

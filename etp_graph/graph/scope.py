@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from .inputs import forward
 
-__all__ = ["Scopes", "capture", "touched"]
+__all__ = ["Scopes", "capture", "common_prefix", "touched"]
 
 #: a module called more often than this in one forward is not a host (a cell in a loop)
 MAX_CALLS = 16
@@ -42,7 +42,7 @@ def _ancestors(name: str) -> List[str]:
     return [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
 
 
-def _common(names: Iterable[str]) -> str:
+def common_prefix(names: Iterable[str]) -> str:
     split = [n.split(".") if n else [] for n in names]
     if not split:
         return ""
@@ -91,7 +91,7 @@ class Scopes:
             for attr, _ in itertools.chain(mod.named_parameters(recurse=False), mod.named_buffers(recurse=False)):
                 tensors.add(f"{name}.{attr}" if name else attr)
         out = []
-        for host in _ancestors(_common(names)):
+        for host in _ancestors(common_prefix(names)):
             if not self.calls.get(host):
                 continue
             # a tensor never read (a spare buffer) says nothing; one read outside the host excludes it
@@ -105,7 +105,7 @@ def capture(model: nn.Module, example_inputs: Any, groups: Sequence[Any]) -> Sco
     names = {n: m for n, m in model.named_modules()}
     wanted = set()
     for g in groups:
-        wanted.update(_ancestors(_common(touched(g))))
+        wanted.update(_ancestors(common_prefix(touched(g))))
     watched: Dict[int, str] = {}
     for name, mod in names.items():
         for attr, t in itertools.chain(mod.named_parameters(recurse=False), mod.named_buffers(recurse=False)):

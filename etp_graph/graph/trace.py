@@ -32,7 +32,7 @@ from .group import CoupledGroup
 from .index_maps import map_indices
 from .inputs import Outputs, OutputsError, check_example_inputs, eval_mode, forward
 from .ops import HARMLESS_OPS, MAPPED_OPS, PRODUCT_OPS, REDUCTIONS, op_name
-from .scope import _common, capture, touched
+from .scope import common_prefix, capture, touched
 from .shadow import shadow_run
 from .verify import check_group, check_units, experiment
 
@@ -71,7 +71,8 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
         ignored_layers: modules whose outputs are never pruned (the task head); their input
             columns still belong to the group that feeds them.
         validate: verify every group by masking a copy and pruning another on ``example_inputs``
-            (two deep copies and two forwards per group); a failing group goes to ``skipped``.
+            (all groups in one pair first, then apart where that pair disagrees; see
+            :mod:`.verify` and :mod:`.scope`); a failing group goes to ``skipped``.
         attention_units: the unit of head-structured groups: ``"heads"`` (a whole head) or
             ``"head_dims"`` (one dimension in every head).
         outputs: the model outputs a cut must leave as they are (names of a dict-like output
@@ -190,12 +191,12 @@ def _join_layers(graph: ChannelGraph, failed: List[Tuple[Any, SkippedGroup]], ex
     same module class, as many units) become one group whose unit ``k`` is unit ``k`` of each,
     tried with the ``k``-th bookkeeping attempt of each (or its last) and verified like any
     other; what still fails keeps its own reason."""
-    kinds: Dict[Tuple[str, int, int], List[Tuple[Any, SkippedGroup]]] = {}
+    kinds: Dict[Tuple[str, int], List[Tuple[Any, SkippedGroup]]] = {}
     for att, why in failed:
         if att.reason or not att.attempts:
             graph.skipped.append(why)
             continue
-        host = _common(touched(att.attempts[0]))
+        host = common_prefix(touched(att.attempts[0]))
         key = (type(graph.model.get_submodule(host)).__name__ if host else "", att.attempts[0].size)
         kinds.setdefault(key, []).append((att, why))
     for members in kinds.values():
