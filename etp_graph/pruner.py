@@ -104,7 +104,9 @@ class ETPPruner:
     """ETP regularisation and pruning over the coupled groups of any model.
 
     Args:
-        model: the model; pruned in place by :meth:`step`.
+        model: the model; pruned in place by :meth:`step`. A ``DistributedDataParallel`` model
+            is traced, penalised and pruned through its ``.module`` (every rank prunes rank 0's
+            plan); wrap ``pruner.model`` again after :meth:`step`, as its tensors are new.
         example_inputs: a Tensor, a tuple of positional arguments or a dict of keyword arguments.
         ignored_layers: modules never pruned or regularised (the task head).
         config: :class:`ETPConfig` (default ``ETPConfig(beta=1e-4)``).
@@ -158,7 +160,9 @@ class ETPPruner:
         self.config = config if config is not None else ETPConfig(beta=1e-4)
         if not isinstance(self.config, ETPConfig):
             raise TypeError(f"config must be an etp_graph.ETPConfig, got {type(self.config).__name__}")
-        self.model = model
+        #: the model traced, penalised and pruned: a ``DistributedDataParallel`` (or
+        #: ``DataParallel``) wrapper's ``.module``; wrap the pruned model again after :meth:`step`
+        self.model = _unwrapped(model)
         self.example_inputs = example_inputs
         self.ignored_layers = list(ignored_layers) if ignored_layers is not None else []
         self.attention_units = attention_units
@@ -422,6 +426,9 @@ class ETPPruner:
         counted = plan if isinstance(plan, PrunePlan) and plan.sizes == self._sizes() else None
         macs_before = counted.macs_before if counted is not None else self._macs(self.model)
         target, plan = self._resolve_plan(plan)
+        plan = _same_on_every_rank(plan)
+        if counted is not None and plan != counted.removed:   # rank 0's plan, not this rank's
+            counted = None
         snapshot = Snapshot(self.model)
         results = []
         try:
@@ -439,6 +446,23 @@ class ETPPruner:
             if is_hf_model(self.model) else None
         return PruneReport(target, macs_before, macs_after, params_before,
                            count_params(self.model), results, lat_before, lat_after, note)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    return model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model
+
+
+def _same_on_every_rank(plan: Dict[int, List[int]]) -> Dict[int, List[int]]:
+    """Under ``torch.distributed`` every rank prunes rank 0's plan. The plan is a function of
+    the weights, which data-parallel training keeps equal, but a tie broken by round-off on one
+    rank must not give two architectures."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return plan
+    box = [plan if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _bisect(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
