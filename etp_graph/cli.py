@@ -29,7 +29,7 @@ from .counting import count_macs, count_params, unsupported_ops
 from .graph import trace
 from .io import save_pruned
 
-log = logging.getLogger("etp_graph")
+from .log import log
 
 
 class UsageError(Exception):

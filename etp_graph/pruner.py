@@ -27,6 +27,7 @@ from .graph.group import cut_groups, prune_groups
 from .graph.verify import twin
 from .hf import is_hf_model, sync_config
 from .importance import removal_order
+from .log import log, phase
 from .planning import MacModel
 from .torque import ETPConfig, Regularizer, make_regularizer
 
@@ -334,9 +335,10 @@ class ETPPruner:
         targets = sorted(float(t) for t in speedups)
         if not targets or targets[0] <= 1:
             raise ValueError(f"speedups must be a non-empty list of numbers > 1, got {list(speedups)}")
-        costs = MacModel(self.model, self.example_inputs, self.graph.groups)
-        base = costs.total
-        candidates = self._candidates(costs)
+        with phase("planning: per-module costs and the ranking"):
+            costs = MacModel(self.model, self.example_inputs, self.graph.groups)
+            base = costs.total
+            candidates = self._candidates(costs)
         cache: Dict[int, int] = {}
 
         def macs(n: int) -> int:   # counted by fvcore
@@ -373,6 +375,8 @@ class ETPPruner:
                     raise unreachable(t)
             hi = _bisect(lo, hi, lambda n: reaches(n, t))
             plans.append(PrunePlan(t, self._prefix(candidates, hi), base, macs(hi), self._sizes()))
+            log.info("plan for %gx: %d units, %.3fx counted (%d fvcore counts so far)", t, hi,
+                     base / max(macs(hi), 1), len(cache))
             floor = hi - 1 if hi > 0 else 0
         return plans
 

@@ -29,6 +29,7 @@ from .backend import Backend, build_backend
 from .discover import find_attention
 from .graph import ChannelGraph, SkippedGroup, layer_graph
 from .group import CoupledGroup
+from ..log import log, phase, progress
 from .index_maps import map_indices
 from .inputs import Outputs, OutputsError, check_example_inputs, eval_mode, forward
 from .ops import HARMLESS_OPS, MAPPED_OPS, PRODUCT_OPS, REDUCTIONS, op_name
@@ -103,14 +104,17 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
     bk = Backend(tp.DependencyGraph())
     with eval_mode(model), bk.tolerant():
         try:
-            build_backend(model, example_inputs, bk)
+            with phase(f"trace {type(model).__name__}: backend graph"):
+                build_backend(model, example_inputs, bk)
         except Exception:
             _run(model, example_inputs)   # a model that cannot run at all gets the clear error
             raise
         map_indices(bk)
         graph = ChannelGraph(model)
         try:
-            _collect(bk, graph, example_inputs, ignored, validate, attention_units)
+            with phase(f"trace {type(model).__name__}: groups"):
+                _collect(bk, graph, example_inputs, ignored, validate, attention_units)
+            log.info("trace %s: %d groups, %d skipped", type(model).__name__, len(graph.groups), len(graph.skipped))
         finally:
             graph.__dict__.pop("_ties", None)   # the tie index of this trace (it holds the tensors)
             graph.__dict__.pop("_called", None)
@@ -249,7 +253,8 @@ def _check_all(model: nn.Module, example_inputs, groups: List[CoupledGroup], sco
     if not groups or _all_hold(model, example_inputs, groups):
         return {}
     local = [g for g in groups if scopes.hosts(model, [g])]
-    problems = {id(g): p for g in local for p in [check_group(model, example_inputs, g, scopes=scopes)] if p}
+    problems = {id(g): p for g in progress(local, "etp_graph: checks") for p in [
+        check_group(model, example_inputs, g, scopes=scopes)] if p}
     return {**problems, **_check_together(model, example_inputs, [g for g in groups if g not in local])}
 
 
@@ -290,12 +295,13 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
     found = {}
     if any(n.grad_fn is not None and op_name(n.grad_fn) in PRODUCT_OPS for n in dg.module2node.values()):
         # products between activations: attention to find (a model without them needs no shadow run)
-        found = {a.root: a for a in find_attention(shadow_run(model, example_inputs, names), model, graph, units,
-                                                   ignored)}
+        with phase("attention from the shadow run"):
+            found = {a.root: a for a in find_attention(shadow_run(model, example_inputs, names), model, graph,
+                                                       units, ignored)}
     for a in found.values():   # the attention's layers are rooted in its head group, not alone
         visited.update(model.get_submodule(n) for n in a.layers)
     entries: List[Tuple[str, Any]] = []
-    for name, m in model.named_modules():
+    for name, m in progress(list(model.named_modules()), "etp_graph: groups"):
         if m in dg.module2node and m not in ignored and get_handler(m) is not None:
             entries += [(name, g) for g in internal_groups(name, m, 0, graph, units)]
         if name in found:
@@ -311,8 +317,9 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
     # the hosts' inputs are recorded only if a check needs them (not when every group holds at once)
     scopes = _Lazy(lambda: capture(model, example_inputs, (pending if validate else []) + attempts))
     if validate:
-        for exact in (True, False):
-            problems.update(_check_all(model, example_inputs, [g for g in pending if g.exact == exact], scopes))
+        with phase(f"verification of {len(pending)} groups"):
+            for exact in (True, False):
+                problems.update(_check_all(model, example_inputs, [g for g in pending if g.exact == exact], scopes))
     firsts = [a.attempts[0] for a in found.values() if not a.reason and a.attempts]
     for k, g in enumerate(firsts):
         g.id = len(pending) + k
