@@ -232,6 +232,21 @@ def _traced_outputs(out: Any) -> List[torch.Tensor]:
     return [t for t in flat_tensors(out) if t.grad_fn is not None]
 
 
+@contextlib.contextmanager
+def _all_trainable(model: nn.Module):
+    """Every floating parameter requires grad while the backend traces (restored after): the
+    backend follows autograd, and a frozen first layer on inputs without grad would be missing
+    from its graph, its channels silently never a group."""
+    frozen = [p for p in model.parameters() if p.is_floating_point() and not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 def _shape_only(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, device="meta")
 
@@ -247,7 +262,7 @@ def build_backend(model: nn.Module, example_inputs: Any, backend: Optional[Backe
     # autograd keeps what a backward would need; nothing runs backward here, and the graph is
     # read for its ops, dims and shapes only: saved tensors become shape-only (meta) stand-ins,
     # so the graph holds no activation
-    with warnings.catch_warnings(), _opaque_leaves(model), torch.enable_grad(), \
+    with warnings.catch_warnings(), _opaque_leaves(model), _all_trainable(model), torch.enable_grad(), \
             torch.autograd.graph.saved_tensors_hooks(_shape_only, _as_is):
         warnings.simplefilter("ignore")
         with recorder:

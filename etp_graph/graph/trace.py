@@ -16,6 +16,7 @@ Every op the channels pass through is mapped, declared harmless (:mod:`.ops`), o
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -31,7 +32,7 @@ from .graph import ChannelGraph, SkippedGroup, layer_graph
 from .group import CoupledGroup
 from ..log import log, phase, progress
 from .index_maps import map_indices
-from .inputs import Outputs, OutputsError, check_example_inputs, eval_mode, forward
+from .inputs import Outputs, OutputsError, as_call, check_example_inputs, eval_mode, flat_tensors, forward
 from .ops import HARMLESS_OPS, MAPPED_OPS, PRODUCT_OPS, REDUCTIONS, op_name
 from .scope import common_prefix, capture, touched
 from .shadow import shadow_run
@@ -96,6 +97,7 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_example_inputs(example_inputs)
+    _check_model(model, example_inputs)
     if outputs is not None:   # from here on, a forward returns those outputs only
         example_inputs = Outputs(example_inputs, outputs)
     ignored = _ignored_modules(model, ignored_layers)
@@ -120,6 +122,29 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
             graph.__dict__.pop("_called", None)
     graph.nodes, graph.edges = layer_graph(bk.dg, _op_label)
     return graph
+
+
+def _check_model(model: nn.Module, example_inputs: Any) -> None:
+    """What a trace cannot work with, each refused with what to pass instead."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TraceError(f"{type(model).__name__} is a TorchScript module: its forward is compiled, so the "
+                         "channels cannot be followed; trace the nn.Module before torch.jit.script and "
+                         "script the pruned one")
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        raise TraceError("the model is wrapped by torch.compile: trace and prune model._orig_mod (the module "
+                         "before torch.compile), then compile the pruned model")
+    tensors = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+    devices = {t.device for t in tensors.values()}
+    given = {t.device for t in flat_tensors(as_call(example_inputs))}
+    if len(devices) == 1 and given and given != devices:
+        raise TraceError(f"example_inputs are on {', '.join(sorted(map(str, given)))} and the model on "
+                         f"{next(iter(devices))}; move them to the model's device")
+    # parameters only: a buffer may hold -inf on purpose (an attention mask)
+    bad = [n for n, t in model.named_parameters() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise TraceError(f"non-finite values (NaN or inf) in {', '.join(map(repr, bad[:3]))}"
+                         f"{' and more' if len(bad) > 3 else ''}: masking and pruning cannot be compared; "
+                         "fix or re-initialise those tensors first")
 
 
 def _run(model: nn.Module, example_inputs: Any) -> None:
