@@ -8,6 +8,8 @@ every module's tensor shapes and its size attributes (``out_channels``, ``hidden
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from typing import Any, Callable, Dict, Union
 
 import torch
@@ -52,7 +54,22 @@ def load_pruned(factory_or_model: Union[nn.Module, Callable[[], nn.Module]],
     Returns the model with the pruned sizes and weights. On any error a passed-in model is left
     unchanged.
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):   # what torch.save writes (since torch 1.6)
+        raise ValueError(f"{path} is not a torch.save file (corrupt, or another format); write it with "
+                         "etp_graph.save_pruned(model, path)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e):
+            raise ValueError(f"{path} holds Python objects besides tensors and plain values, and "
+                             "torch.load(weights_only=True) (the default since torch 2.6) refuses them; a "
+                             "save_pruned file never does. If the file comes from a source you trust, "
+                             "torch.load(path, weights_only=False) reads it") from e
+        raise ValueError(f"{path} is not a torch.save file (corrupt, or another format): {e}") from e
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path} is not a torch.save file (corrupt, or another format): {e}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not an etp_graph pruned checkpoint (format {FORMAT!r}); "
                          "write it with etp_graph.save_pruned(model, path)")
