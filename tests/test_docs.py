@@ -38,3 +38,10 @@ def test_every_block_runs(page, tmp_path, monkeypatch, capsys):
                 continue   # make demo / make test: what the suite itself is run by
             assert words[0] == "etp-graph", f"{page.name}, block {k}: only etp-graph and make commands here"
             assert cli.main(words[1:]) == 0, f"{page.name}, block {k}: {line}: {capsys.readouterr().err}"
+
+
+def test_the_api_page_names_every_public_name():
+    import etp_graph as eg
+    text = (ROOT / "docs" / "api.md").read_text()
+    missing = [n for n in eg.__all__ if f"`{n}" not in text and f", `{n}" not in text and f"`{n}(" not in text]
+    assert not missing, f"docs/api.md does not document {missing}"
