@@ -45,13 +45,20 @@ def test_predicted_macs_equal_fvcore_on_random_plans(name):
         assert costs.predict(plan) == pytest.approx(pruner._counted(plan), rel=1e-4)
 
 
-def test_path_confirms_with_few_counts_and_finds_the_shortest_prefix(monkeypatch):
+@pytest.fixture
+def counted(monkeypatch):
+    """``(net, pruner for 2x, calls)``: every fvcore count the pruner makes from now on lands in ``calls``."""
     torch.manual_seed(1)
     net = VGGish(w=12)
     pruner = eg.ETPPruner(net, X, ignored_layers=[net.fc], target_speedup=2.0)
     calls = []
-    counted = pruner_module.ETPPruner._macs
-    monkeypatch.setattr(pruner_module.ETPPruner, "_macs", lambda self, m: calls.append(1) or counted(self, m))
+    count = pruner_module.ETPPruner._macs
+    monkeypatch.setattr(pruner_module.ETPPruner, "_macs", lambda self, m: calls.append(1) or count(self, m))
+    return net, pruner, calls
+
+
+def test_path_confirms_with_few_counts_and_finds_the_shortest_prefix(counted):
+    net, pruner, calls = counted
     plans = pruner.path([1.5, 2.0, 3.0])
     assert len(calls) <= 3 * 3
     # the same answer as counting every prefix with fvcore
@@ -64,13 +71,8 @@ def test_path_confirms_with_few_counts_and_finds_the_shortest_prefix(monkeypatch
         assert plan.macs_after == pruner._counted(plan.removed)
 
 
-def test_step_reuses_the_counts_of_its_plan_and_they_are_the_true_ones(monkeypatch):
-    torch.manual_seed(1)
-    net = VGGish(w=12)
-    pruner = eg.ETPPruner(net, X, ignored_layers=[net.fc], target_speedup=2.0)
-    calls = []
-    counted = pruner_module.ETPPruner._macs
-    monkeypatch.setattr(pruner_module.ETPPruner, "_macs", lambda self, m: calls.append(1) or counted(self, m))
+def test_step_reuses_the_counts_of_its_plan_and_they_are_the_true_ones(counted):
+    net, pruner, calls = counted
     report = pruner.step()
     assert len(calls) <= 3
     assert report.macs_after == eg.count_macs(net, X) and report.speedup >= 2.0

@@ -27,7 +27,7 @@ from ..handlers import get_handler
 from ..handlers.base import UNIT_KINDS
 from .assemble import Refused, Tied, internal_groups, make_group, merge_tied, shared_channel_merges
 from .backend import Backend, build_backend
-from .discover import find_attention
+from .discover import _Union, find_attention
 from .graph import ChannelGraph, SkippedGroup, layer_graph
 from .group import CoupledGroup
 from ..log import log, phase, progress
@@ -385,19 +385,16 @@ def _join_tied(entries: List[Tuple[str, Any]], graph: ChannelGraph) -> List[Tupl
     tied = [(k, e) for k, (_, e) in enumerate(entries) if isinstance(e, _TiedEntry)]
     names = graph._ties[0] if tied else {}
     tensor_of = graph._ties[1] if tied else {}
-    link: Dict[int, int] = {}
+    link = _Union()
     by_tensor: Dict[int, int] = {}
     for k, e in tied:
-        link.setdefault(k, k)
         for it in e.group.items:
             t = tensor_of.get(f"{it.owner}.{it.attr}" if it.owner else it.attr)
             if t is not None and len(names[id(t)]) >= 2:
-                other = by_tensor.setdefault(id(t), k)
-                a, b = _root(link, other), _root(link, k)
-                link[max(a, b)] = min(a, b)
+                link.join(by_tensor.setdefault(id(t), k), k)
     sets: Dict[int, List[int]] = {}
     for k, _ in tied:
-        sets.setdefault(_root(link, k), []).append(k)
+        sets.setdefault(link.find(k), []).append(k)
     out = list(entries)
     for ks in sets.values():
         merged, why = merge_tied([entries[k][1].group for k in ks], graph) if len(ks) > 1 else (None, "")
@@ -408,12 +405,6 @@ def _join_tied(entries: List[Tuple[str, Any]], graph: ChannelGraph) -> List[Tupl
             else:
                 out[k] = (name, SkippedGroup(e.root, e.reason + (f"; joined with the other side: {why}" if why else "")))
     return out
-
-
-def _root(link: Dict[int, int], k: int) -> int:
-    while link[k] != k:
-        k = link[k]
-    return k
 
 
 class _Lazy:
