@@ -7,6 +7,8 @@ from typing import Any, Dict
 
 import etp_graph as eg
 
+from . import distributed
+
 from .tasks.base import Task
 
 __all__ = ["Clock", "finetune_cut"]
@@ -37,7 +39,7 @@ def finetune_cut(task: Task, small, report: Dict[str, Any], target: float, lat_d
     with clock("latency"):
         lat = eg.measure_latency(small, lat_inputs, warmup=2, repeat=latency_repeat)
     with clock(f"finetune {target:g}x"):
-        task.train(small, task.budget.finetune, seed=200 + seed, phase="finetune")
+        distributed.fit(task, small, task.budget.finetune, seed=200 + seed, phase="finetune")
     return {"target": target, **report, "latency_ms": [lat_dense["median_ms"], lat["median_ms"]],
             "latency_iqr_ms": [lat_dense["iqr_ms"], lat["iqr_ms"]],
             "pruned": pruned, "finetuned": task.evaluate(small)}

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 import etp_graph as eg
 
+from . import distributed
 from . import methods as methods_mod
 from .tasks import TASKS, get_task
 from .phases import Clock, finetune_cut
@@ -52,7 +53,8 @@ def commit() -> str:
 def machine(device: str) -> Dict[str, Any]:
     return {"threads": torch.get_num_threads(), "device": device, "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "cuda": torch.cuda.get_device_name(0) if device.startswith("cuda") else None}
+            "cuda": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+            "processes": distributed.world_size()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,10 +117,8 @@ def _regularised(task: Task, method: methods_mod.Method, seed: int, speedup: flo
         if reused:
             model.load_state_dict(torch.load(saved, map_location=task.device))
         else:
-            task.train(model, task.budget.reg, seed=100 + seed, hook=hook, phase="regularise")
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), str(saved) + ".tmp")
-            os.replace(str(saved) + ".tmp", saved)
+            distributed.fit(task, model, task.budget.reg, seed=100 + seed, hook=hook, phase="regularise")
+            distributed.save_on_main(lambda p: torch.save(model.state_dict(), p), saved)
     return model, pruner, config, dense, reused
 
 
@@ -194,7 +194,15 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="run cells whose JSON exists again")
     args = p.parse_args(argv)
     options = dict(o.split("=", 1) for o in args.option)
-    task = get_task(args.task)(args.budget, args.device, options)
+    device = distributed.setup(args.device)   # under torchrun: join the process group
+    try:
+        return _run(args, argv, options, device)
+    finally:
+        distributed.teardown()
+
+
+def _run(args, argv, options: Dict[str, str], device: str) -> int:
+    task = get_task(args.task)(args.budget, device, options)
     betas = {m: float(v) for m, v in (b.split("=", 1) for b in args.beta)}
     task.betas = {**task.betas, **betas}
     names = [m for m in args.methods.split(",") if m]
@@ -205,12 +213,17 @@ def main(argv=None) -> int:
     plan = PlanOptions(args.round_to, args.max_pruning_ratio)
     todo = [(m, s) for s in seeds for m in chosen
             if args.force or not cell_path(out, task.name, args.budget, m.name, s, plan, args.separate, betas.get(m.name)).is_file()]
-    print(f"{task.name} ({args.budget}): {len(todo)} of {len(seeds) * len(chosen)} cells to run; "
-          f"{torch.get_num_threads()} threads, device {args.device}")
+    if distributed.world_size() > 1 and any(m.name == "torch-pruning" for m, _ in todo):
+        raise SystemExit("benchmarks.run: the torch-pruning row runs in one process; launch it without torchrun")
+    distributed.agree([(m.name, s) for m, s in todo], "the list of cells to run")
+    main_rank = distributed.is_main()
+    if main_rank:
+        print(f"{task.name} ({args.budget}): {len(todo)} of {len(seeds) * len(chosen)} cells to run; "
+              f"{torch.get_num_threads()} threads, device {device}, {distributed.world_size()} process(es)")
     if not todo:
         return 0
     task.load()
-    for method, seed in tqdm(todo, desc=task.name):
+    for method, seed in tqdm(todo, desc=task.name, disable=not main_rank):
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         if method.name == "torch-pruning":
@@ -223,15 +236,17 @@ def main(argv=None) -> int:
                        "beta_override": betas.get(method.name),
                        "options": options, "round_to": plan.round_to,
                        "max_pruning_ratio": plan.max_pruning_ratio, "commit": commit(),
-                       "machine": machine(args.device), "date": time.strftime("%Y-%m-%d %H:%M"),
+                       "machine": machine(device), "date": time.strftime("%Y-%m-%d %H:%M"),
                        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])})
         result["wall_s"]["total"] = round(time.perf_counter() - t0, 1)
+        distributed.agree({k: result[k] for k in ("dense", "regularised")}
+                          | {"cuts": [{k: c[k] for k in ("macs", "units_kept", "pruned", "finetuned")}
+                                      for c in result["cuts"]]}, f"cell {method.name} s{seed}")
         path = cell_path(out, task.name, args.budget, method.name, seed, plan, args.separate,
                          betas.get(method.name))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, path)
+        distributed.save_on_main(lambda p: p.write_text(json.dumps(result, indent=1)), path)
+        if not main_rank:
+            continue
         m = task.metric.name
         tqdm.write(f"{method.name} s{seed}: dense {result['dense'][m]:.4g} → regularised "
                    f"{result['regularised'][m]:.4g}; " + ", ".join(

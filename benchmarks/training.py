@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import augment, batches, normalize
+from .distributed import shard
 
 __all__ = ["evaluate", "train_steps"]
 
@@ -42,8 +43,9 @@ def train_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, st
     losses = []
     for _ in tqdm(range(steps), desc=desc, disable=desc is None, leave=False):
         idx = next(it)
-        x = augment(normalize(images[idx]), g)
-        task = F.cross_entropy(model(x), labels[idx])
+        x = augment(normalize(images[idx]), g)      # the whole batch: the same draws on every rank
+        mine = shard(torch.arange(len(idx)))         # this process's rows (all of them without torchrun)
+        task = F.cross_entropy(model(x[mine]), labels[idx][mine])
         loss = task + pruner.penalty() if pruner is not None else task
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

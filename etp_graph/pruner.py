@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -30,6 +30,8 @@ from .importance import removal_order
 from .log import log, phase
 from .planning import MacModel
 from .torque import ETPConfig, Regularizer, make_regularizer
+
+T = TypeVar("T")
 
 __all__ = ["ETPPruner", "PrunePlan", "PruneReport", "GroupResult"]
 
@@ -378,7 +380,7 @@ class ETPPruner:
             log.info("plan for %gx: %d units, %.3fx counted (%d fvcore counts so far)", t, hi,
                      base / max(macs(hi), 1), len(cache))
             floor = hi - 1 if hi > 0 else 0
-        return plans
+        return _same_on_every_rank(plans)
 
     # ------------------------------------------------------------------------------ pruning
     def _resolve_plan(self, plan) -> Tuple[str, Dict[int, List[int]]]:
@@ -457,8 +459,8 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model
 
 
-def _same_on_every_rank(plan: Dict[int, List[int]]) -> Dict[int, List[int]]:
-    """Under ``torch.distributed`` every rank prunes rank 0's plan. The plan is a function of
+def _same_on_every_rank(plan: T) -> T:
+    """Under ``torch.distributed`` every rank prunes rank 0's plan (or plans). The plan is a function of
     the weights, which data-parallel training keeps equal, but a tie broken by round-off on one
     rank must not give two architectures."""
     import torch.distributed as dist

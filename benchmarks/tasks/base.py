@@ -140,8 +140,7 @@ class Task:
         if path.is_file():
             model.load_state_dict(torch.load(path, map_location=self.device))
             return model
-        self.train(model, self.budget.dense, seed=1000 + seed, phase="dense")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), str(path) + ".tmp")
-        os.replace(str(path) + ".tmp", path)
+        from benchmarks import distributed
+        distributed.fit(self, model, self.budget.dense, seed=1000 + seed, phase="dense")
+        distributed.save_on_main(lambda p: torch.save(model.state_dict(), p), path)
         return model

@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 from benchmarks.data import load_ett
 from etp_graph.zoo.informer import Informer
 
+from benchmarks.distributed import shard
+
 from .base import Budget, Metric, Task, sgd_step
 
 _KEYS = ("x_enc", "x_mark_enc", "x_dec", "x_mark_dec")
@@ -66,7 +68,7 @@ class InformerETTh1(Task):
             for s in range(0, n - batch + 1, batch):
                 if done == length:
                     break
-                idx = perm[s:s + batch].to(self.device)
+                idx = shard(perm[s:s + batch]).to(self.device)   # this process's rows
                 loss = F.mse_loss(model(*(data[k][idx] for k in _KEYS)), data["y"][idx])
                 sgd_step(model, loss, opt, hook)
                 done += 1

@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 from benchmarks.data import load_sst2
 from etp_graph.zoo.bert import load_tokenizer, minilm_sst2
 
+from benchmarks.distributed import shard
+
 from .base import Budget, Metric, Task, sgd_step
 
 MAX_LEN = 64
@@ -59,7 +61,7 @@ class MiniLMSST2(Task):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / max(length, 1))
         model.train()
         for _ in tqdm(range(length), desc=phase, leave=False):
-            idx = torch.randint(0, len(self.train_x), (32,), generator=g)
+            idx = shard(torch.randint(0, len(self.train_x), (32,), generator=g))   # this process's rows
             loss = F.cross_entropy(model(**self._encode([self.train_x[i] for i in idx])),
                                    self.train_y[idx].to(self.device))
             sgd_step(model, loss, opt, hook)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.distributed import shard
+
 from .base import Budget, Metric, Task, sgd_step
 
 
@@ -50,7 +52,7 @@ class TinyCNN(Task):
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         model.train()
         for _ in range(length):
-            idx = torch.randint(0, len(self.y), (64,), generator=g)
+            idx = shard(torch.randint(0, len(self.y), (64,), generator=g))   # this process's rows
             sgd_step(model, F.cross_entropy(model(self.x[idx]), self.y[idx]), opt, hook)
         model.eval()
 
