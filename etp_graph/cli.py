@@ -13,13 +13,14 @@ on stderr), 1 the work failed (one line; ``-v`` for the traceback and the librar
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import importlib.util
 import logging
 import os
 import sys
 import warnings
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -36,13 +37,39 @@ class UsageError(Exception):
     """Bad usage: printed as one line, exit status 2."""
 
 
-def load_model(spec: str) -> Tuple[nn.Module, Any, List[nn.Module]]:
-    """``(model, default example inputs or None, default ignored layers)`` for MODEL."""
+def _factory_kwargs(pairs: Optional[List[str]]) -> Dict[str, Any]:
+    """``--arg key=value`` pairs; a value is a Python literal (``64``, ``0.1``, ``True``,
+    ``[2, 2]``) or else the string itself."""
+    out: Dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--arg {pair!r}: expected name=value, e.g. --arg num_classes=10")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
+
+
+def _is_hf_class(factory) -> bool:
+    """A Hugging Face model class: built from its ``config_class``, not from keyword arguments."""
+    return isinstance(factory, type) and issubclass(factory, nn.Module) and \
+        getattr(factory, "config_class", None) is not None and hasattr(factory, "from_pretrained")
+
+
+def load_model(spec: str, kwargs: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Any, List[nn.Module]]:
+    """``(model, default example inputs or None, default ignored layers)`` for MODEL, built with
+    ``kwargs`` (a Hugging Face model class gets them as its config's fields)."""
+    kwargs = kwargs or {}
     if spec.startswith("zoo:"):
         name = spec[4:]
         if name not in zoo.list_models():
             raise UsageError(f"no zoo model {name!r}; one of: {', '.join(zoo.list_models())}")
         e = zoo.entry(name)
+        if kwargs:
+            raise UsageError(f"--arg: zoo model {name!r} is built as registered; use its factory "
+                             f"({e.build.__module__}:...) to change it")
         model = e.build()
         return model, e.example_inputs(), list(e.heads(model))
     where, sep, attr = spec.rpartition(":")
@@ -53,7 +80,11 @@ def load_model(spec: str) -> Tuple[nn.Module, Any, List[nn.Module]]:
             raise UsageError(f"MODEL {spec!r}: no file {where!r}")
         module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(where))[0], where)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except ImportError as e:
+            raise UsageError(f"MODEL {spec!r}: running {where!r} failed ({e}); a file inside a package "
+                             "is named as package.module:factory") from e
     else:
         try:
             module = importlib.import_module(where)
@@ -62,7 +93,19 @@ def load_model(spec: str) -> Tuple[nn.Module, Any, List[nn.Module]]:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UsageError(f"MODEL {spec!r}: {where!r} has no callable {attr!r}")
-    model = factory()
+    try:
+        if _is_hf_class(factory):
+            known = factory.config_class().to_dict()
+            unknown = sorted(set(kwargs) - set(known))
+            if unknown:
+                raise UsageError(f"--arg {unknown[0]}: {factory.config_class.__name__} has no such field "
+                                 f"(it has {', '.join(sorted(k for k in known if not k.startswith('_'))[:12])}, ...)")
+            model = factory(factory.config_class(**kwargs))
+        else:
+            model = factory(**kwargs)
+    except TypeError as e:
+        raise UsageError(f"MODEL {spec!r}: {attr}() with {kwargs or 'no arguments'} failed: {e}; "
+                         "pass its arguments with --arg name=value") from e
     if not isinstance(model, nn.Module):
         raise UsageError(f"MODEL {spec!r}: {attr}() returned {type(model).__name__}, not an nn.Module")
     return model, None, []
@@ -78,7 +121,16 @@ def _shape(text: str) -> Tuple[int, ...]:
     return dims
 
 
-def example_inputs(args, default) -> Any:
+def _random(model: nn.Module, shape: Tuple[int, ...]) -> Any:
+    """A random input of ``shape``: token ids (a keyword argument) for a model whose declared
+    main input is ``input_ids`` (Hugging Face's ``main_input_name``), floats otherwise."""
+    if getattr(model, "main_input_name", None) == "input_ids":
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
+        return {"input_ids": torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0))}
+    return torch.randn(*shape)
+
+
+def example_inputs(args, default, model: Optional[nn.Module] = None) -> Any:
     if args.inputs and args.input_shape:
         raise UsageError("give --input-shape or --inputs, not both")
     if args.inputs:
@@ -91,7 +143,9 @@ def example_inputs(args, default) -> Any:
         return x
     if args.input_shape:
         shapes = [_shape(s) for s in args.input_shape]
-        return torch.randn(*shapes[0]) if len(shapes) == 1 else tuple(torch.randn(*s) for s in shapes)
+        return _random(model, shapes[0]) if len(shapes) == 1 else tuple(torch.randn(*s) for s in shapes)
+    if default is None and getattr(model, "main_input_name", None) == "input_ids":
+        return _random(model, (2, 16))
     if default is None:
         raise UsageError("this model has no example inputs: pass --input-shape 1,3,224,224 (or --inputs x.pt)")
     return default
@@ -134,8 +188,8 @@ GRAPH_FORMATS = (".html", ".dot", ".gv", ".svg", ".png")
 def _inspect(args) -> int:
     if args.graph and os.path.splitext(args.graph)[1].lower() not in GRAPH_FORMATS:
         raise UsageError(f"--graph {args.graph!r}: write one of {', '.join(GRAPH_FORMATS)}")
-    model, default, heads = load_model(args.model)
-    x = example_inputs(args, default)
+    model, default, heads = load_model(args.model, _factory_kwargs(args.arg))
+    x = example_inputs(args, default, model)
     model.eval()
     log.info("tracing %s", type(model).__name__)
     graph = trace(model, x, ignored_layers=ignored(model, args.ignore, heads))
@@ -155,9 +209,9 @@ def _inspect(args) -> int:
 
 def _prune(args) -> int:
     from .pruner import ETPPruner
-    model, default, heads = load_model(args.model)
+    model, default, heads = load_model(args.model, _factory_kwargs(args.arg))
     _checkpoint(model, args.checkpoint)
-    x = example_inputs(args, default)
+    x = example_inputs(args, default, model)
     model.eval()
     target = {"target_speedup": args.target_speedup} if args.target_speedup else {"pruning_ratio": args.pruning_ratio}
     pruner = ETPPruner(model, x, ignored_layers=ignored(model, args.ignore, heads), round_to=args.round_to, **target)
@@ -190,8 +244,12 @@ def _parser() -> argparse.ArgumentParser:
 
     def model_args(s):
         s.add_argument("model", help="zoo:NAME, path/to/file.py:factory or package.module:factory")
+        s.add_argument("--arg", action="append", metavar="NAME=VALUE",
+                       help="a keyword argument of the factory (repeatable; a Python literal or a string); "
+                            "a Hugging Face model class gets them as its config's fields")
         s.add_argument("--input-shape", action="append", metavar="1,3,224,224",
-                       help="a random input of this shape (repeat for several positional inputs)")
+                       help="a random input of this shape (repeat for several positional inputs); token ids "
+                            "for a model whose main input is input_ids (Hugging Face)")
         s.add_argument("--inputs", metavar="x.pt", help="example inputs saved with torch.save "
                                                        "(a Tensor, a tuple or a dict of keyword arguments)")
         s.add_argument("--ignore", action="append", metavar="NAME",
@@ -223,6 +281,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     if not verbose:
         warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")   # its config notes are not ours to print
+        logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         if rest[:1] == ["demo"]:         # their options are their own
             return _forward("benchmarks.demo", "etp-graph demo", rest[1:])

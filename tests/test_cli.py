@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 
-def make():
+def make(width=16, classes=10):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(32, 10))
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Conv2d(width, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(32, classes))
 '''
 
 
@@ -44,6 +44,27 @@ def test_inspect_a_users_model_from_a_file_or_a_module(how, netfile, capsys):
     assert cli.main(["inspect", spec, "--input-shape", "1,3,8,8", "--ignore", "7"]) == 0
     out = capsys.readouterr().out
     assert [line.split()[1] for line in out.splitlines()[1:3]] == ["0", "3"]
+
+
+def test_factory_arguments_are_python_literals(netfile, capsys):
+    assert cli.main(["inspect", f"{netfile}:make", "--arg", "width=24", "--arg", "classes=3",
+                     "--input-shape", "1,3,8,8", "--ignore", "7"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:3]]
+    assert [(r[1], r[2]) for r in rows] == [("0", "24"), ("3", "32")]
+
+
+def test_a_transformers_class_is_built_from_its_config_with_token_ids(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    args = ["transformers:GPT2LMHeadModel", "--arg", "n_layer=2", "--arg", "n_embd=32", "--arg", "n_head=4",
+            "--arg", "vocab_size=50", "--input-shape", "2,8", "--ignore", "lm_head"]
+    assert cli.main(["inspect"] + args) == 0
+    out = capsys.readouterr().out
+    roots = [line.split()[1] for line in out.splitlines()[1:] if line.split()[0].isdigit()]
+    assert roots == ["transformer.wte"] + [f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("attn.c_attn", "mlp.c_fc")]
+    assert cli.main(["prune"] + args + ["--target-speedup", "1.5", "--out", str(tmp_path / "g.pt")]) == 0
+    assert "1.5" in capsys.readouterr().out and (tmp_path / "g.pt").is_file()
+    assert cli.main(["inspect", "transformers:GPT2LMHeadModel", "--arg", "n_layerz=2"]) == 2
+    assert "GPT2Config has no such field" in capsys.readouterr().err
 
 
 def test_inputs_from_a_file(netfile, tmp_path, capsys):
@@ -82,6 +103,9 @@ def test_prune_writes_a_model_that_loads_back(netfile, tmp_path, capsys):
     (["inspect", "{net}:make"], "no example inputs: pass --input-shape"),
     (["inspect", "{net}:make", "--input-shape", "1,x"], "expected positive ints"),
     (["inspect", "{net}:make", "--input-shape", "1,3,8,8", "--ignore", "9"], "no such module"),
+    (["inspect", "{net}:make", "--arg", "depth"], "expected name=value"),
+    (["inspect", "{net}:make", "--arg", "depth=3"], "pass its arguments with --arg"),
+    (["inspect", "zoo:tiny_cnn", "--arg", "width=3"], "is built as registered"),
     (["inspect", "zoo:tiny_cnn", "--graph", "g.pdf"], "write one of"),
     (["prune", "zoo:tiny_cnn", "--out", "p.pt"], "one of the arguments --target-speedup --pruning-ratio"),
 ])
