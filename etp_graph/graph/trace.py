@@ -27,6 +27,7 @@ from ..handlers import get_handler
 from ..handlers.base import UNIT_KINDS
 from .assemble import Refused, Tied, internal_groups, make_group, merge_tied, shared_channel_merges
 from .backend import Backend, build_backend
+from .budget import TIME_LIMIT, Budget, Exhausted, bounded, check_time, one_walk, out_of_time, step_limit
 from .discover import _Union, find_attention
 from .graph import ChannelGraph, SkippedGroup, layer_graph
 from .group import CoupledGroup
@@ -64,7 +65,7 @@ def _ignored_modules(model: nn.Module, ignored_layers: Optional[Iterable[nn.Modu
 
 def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterable[nn.Module]] = None,
           validate: bool = True, attention_units: str = "heads",
-          outputs: Optional[Sequence[Any]] = None) -> ChannelGraph:
+          outputs: Optional[Sequence[Any]] = None, time_limit: Optional[float] = TIME_LIMIT) -> ChannelGraph:
     """Trace ``model`` into coupled groups of units.
 
     Args:
@@ -81,6 +82,9 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
             such as a Hugging Face ``ModelOutput``, or positions), e.g. ``["logits"]`` for a T5
             whose ``encoder_last_hidden_state`` may narrow with the hidden width; default every
             output.
+        time_limit: seconds the trace may take (default 300; ``None``: no limit). What is not
+            examined or verified when it runs out is refused with the reason; independently,
+            a group whose backend walk does not close is refused (:mod:`.budget`).
 
     Returns:
         :class:`ChannelGraph` with ``groups`` in the order of their root layer in
@@ -113,8 +117,9 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
             raise
         map_indices(bk)
         graph = ChannelGraph(model)
+        budget = Budget(time_limit, step_limit(len(bk.dg.module2node)), _widest(model, bk))
         try:
-            with phase(f"trace {type(model).__name__}: groups"):
+            with phase(f"trace {type(model).__name__}: groups"), bounded(budget):
                 _collect(bk, graph, example_inputs, ignored, validate, attention_units)
             log.info("trace %s: %d groups, %d skipped", type(model).__name__, len(graph.groups), len(graph.skipped))
         finally:
@@ -122,6 +127,13 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
             graph.__dict__.pop("_called", None)
     graph.nodes, graph.edges = layer_graph(bk.dg, _op_label)
     return graph
+
+
+def _widest(model: nn.Module, bk: Backend) -> int:
+    """The largest size of any dimension of the traced tensors and parameters."""
+    sizes = [max(f.shape) for f in bk._facts.values() if f.shape]
+    sizes += [max(p.shape) for p in model.parameters() if p.dim()]
+    return max(sizes + [1])
 
 
 def _check_model(model: nn.Module, example_inputs: Any) -> None:
@@ -250,7 +262,11 @@ def _rooted(bk: Backend, graph: ChannelGraph, name: str, m: nn.Module, ignored: 
     """The group rooted at ``m``'s output channels (not yet verified), a ``SkippedGroup`` with the
     reason, or ``None`` when ``m`` has no output channels."""
     try:
-        tpg = _all_units(bk.dg, m)
+        with one_walk(name):
+            tpg = _all_units(bk.dg, m)
+    except Exhausted as e:
+        visited.add(m)
+        return SkippedGroup(name, str(e))
     except Exception as e:  # the backend's index maps broke on this group
         visited.add(m)
         return SkippedGroup(name, f"the tracer backend failed on it: {type(e).__name__}: {e}")
@@ -260,27 +276,38 @@ def _rooted(bk: Backend, graph: ChannelGraph, name: str, m: nn.Module, ignored: 
         if bk.dg.is_out_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, nn.Module):
             visited.add(item.dep.target.module)
     try:
-        return make_group(bk, tpg, name, ignored, 0, graph, shared_channel_merges(bk, m, tpg), units)
+        with one_walk(name):
+            merges = shared_channel_merges(bk, m, tpg)
+        return make_group(bk, tpg, name, ignored, 0, graph, merges, units)
+    except Exhausted as e:
+        return SkippedGroup(name, str(e))
     except Tied as r:   # kept for merge_tied: the other side of the tie may be another group
         return _TiedEntry(name, str(r), r.group)
     except Refused as r:
         return SkippedGroup(name, str(r))
 
 
-def _check_all(model: nn.Module, example_inputs, groups: List[CoupledGroup], scopes) -> Dict[int, str]:
-    """``id(group)`` → reason for every group that fails its mask-then-prune check.
+def _check_all(model: nn.Module, example_inputs, groups: List[CoupledGroup], scopes,
+               verdicts: Dict[int, Optional[str]]) -> None:
+    """Record in ``verdicts`` ``id(group)`` → the reason it fails its mask-then-prune check, or
+    ``None`` when it holds; a group is recorded as soon as its verdict is known (a time limit
+    then refuses only the groups not recorded).
 
     First all groups together (their sampled units cut at once, in one masked and one pruned
     twin): a model whose groups all hold costs two forwards. Where that disagrees, a group whose
     cut stays inside one module is checked on that module alone (:mod:`.scope`), and the others
     are halved until each failing one stands alone. Exact and shape-checked groups are never
     mixed; a group alone gets :func:`check_group`'s reason."""
-    if not groups or _all_hold(model, example_inputs, groups):
-        return {}
+    if not groups:
+        return
+    if _all_hold(model, example_inputs, groups):
+        verdicts.update((id(g), None) for g in groups)
+        return
     local = [g for g in groups if scopes.hosts(model, [g])]
-    problems = {id(g): p for g in progress(local, "etp_graph: checks") for p in [
-        check_group(model, example_inputs, g, scopes=scopes)] if p}
-    return {**problems, **_check_together(model, example_inputs, [g for g in groups if g not in local])}
+    for g in progress(local, "etp_graph: checks"):
+        check_time("the verification of every group")
+        verdicts[id(g)] = check_group(model, example_inputs, g, scopes=scopes)
+    _check_together(model, example_inputs, [g for g in groups if g not in local], verdicts)
 
 
 def _all_hold(model: nn.Module, example_inputs, groups: List[CoupledGroup]) -> bool:
@@ -293,17 +320,19 @@ def _all_hold(model: nn.Module, example_inputs, groups: List[CoupledGroup]) -> b
     return why is None
 
 
-def _check_together(model: nn.Module, example_inputs, groups: List[CoupledGroup]) -> Dict[int, str]:
+def _check_together(model: nn.Module, example_inputs, groups: List[CoupledGroup],
+                    verdicts: Dict[int, Optional[str]]) -> None:
     if not groups:
-        return {}
+        return
+    check_time("the verification of every group")
     if len(groups) == 1:
-        problem = check_group(model, example_inputs, groups[0])
-        return {id(groups[0]): problem} if problem else {}
-    if _all_hold(model, example_inputs, groups):
-        return {}
-    half = len(groups) // 2
-    return {**_check_together(model, example_inputs, groups[:half]),
-            **_check_together(model, example_inputs, groups[half:])}
+        verdicts[id(groups[0])] = check_group(model, example_inputs, groups[0])
+    elif _all_hold(model, example_inputs, groups):
+        verdicts.update((id(g), None) for g in groups)
+    else:
+        half = len(groups) // 2
+        _check_together(model, example_inputs, groups[:half], verdicts)
+        _check_together(model, example_inputs, groups[half:], verdicts)
 
 
 def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], validate: bool,
@@ -332,7 +361,9 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
         if name in found:
             entries.append((name, found[name]))
         if id(m) in roots and m not in visited:
-            entries.append((name, _rooted(bk, graph, name, m, ignored, visited, units)))
+            late = out_of_time()
+            entries.append((name, _rooted(bk, graph, name, m, ignored, visited, units) if late is None
+                            else SkippedGroup(name, late.time_left_reason(f"the group rooted at {name!r}"))))
     entries = _join_tied(entries, graph)
     pending = [g for _, g in entries if isinstance(g, CoupledGroup)]
     for k, g in enumerate(pending):
@@ -343,8 +374,13 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
     scopes = _Lazy(lambda: capture(model, example_inputs, (pending if validate else []) + attempts))
     if validate:
         with phase(f"verification of {len(pending)} groups"):
-            for exact in (True, False):
-                problems.update(_check_all(model, example_inputs, [g for g in pending if g.exact == exact], scopes))
+            verdicts: Dict[int, Optional[str]] = {}
+            try:
+                for exact in (True, False):
+                    _check_all(model, example_inputs, [g for g in pending if g.exact == exact], scopes, verdicts)
+            except Exhausted as e:   # what is not verified is not returned
+                verdicts.update((id(g), str(e)) for g in pending if id(g) not in verdicts)
+            problems.update((k, why) for k, why in verdicts.items() if why)
     firsts = [a.attempts[0] for a in found.values() if not a.reason and a.attempts]
     for k, g in enumerate(firsts):
         g.id = len(pending) + k
