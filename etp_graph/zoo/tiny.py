@@ -248,3 +248,47 @@ class TinyShared(nn.Module):
         z = F.relu(self.inp(x))
         z = self.body(F.relu(self.shared(F.relu(self.shared(z)))))
         return {"a": self.h1(z), "b": self.h2(F.relu(z))}
+
+
+def _conv_bn(cin, cout, k=1, stride=1, groups=1, relu=True):
+    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, nn.ReLU()) if relu else nn.Sequential(*layers)
+
+
+class _SplitShuffleBlock(nn.Module):
+    """ShuffleNet v2's unit (Ma et al., 2018): stride 1 splits the channels in halves, one half
+    passes, the other goes through 1×1 → depthwise 3×3 → 1×1; stride 2 feeds the whole input to
+    both branches. The halves are concatenated and shuffled (two groups)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.stride, half = stride, cout // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(_conv_bn(cin, cin, 3, stride, groups=cin, relu=False), _conv_bn(cin, half))
+        self.branch2 = nn.Sequential(_conv_bn(cin if stride > 1 else half, half),
+                                     _conv_bn(half, half, 3, stride, groups=half, relu=False), _conv_bn(half, half))
+
+    def forward(self, x):
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        n, c, h, w = out.shape
+        return out.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+
+@register_model("tiny_shufflenet_v2", _img(s=16), heads=lambda m: [m.fc], tags=("tiny",))
+class TinyShuffleNetV2(nn.Module):
+    """A stem, one ShuffleNet v2 stage (a stride-2 unit, two stride-1 units), a 1×1 conv, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = _conv_bn(3, 8, 3, 2)
+        self.stage = nn.Sequential(_SplitShuffleBlock(8, 16, 2), _SplitShuffleBlock(16, 16, 1),
+                                   _SplitShuffleBlock(16, 16, 1))
+        self.conv5 = _conv_bn(16, 32)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv5(self.stage(self.stem(x))).mean((2, 3)))
