@@ -11,7 +11,8 @@ int64 tensor of the same shape holding, at each position, a global id of the cha
 * element-wise ops pass the shadow on; where two shadows meet at one position (rotary
   embeddings add ``q·cos`` and ``rotate_half(q)·sin``; T5 adds its per-head bias table to the
   scores) the pair is recorded as *mixed*;
-* matrix products (``matmul``, ``bmm``, ``baddbmm``, ``scaled_dot_product_attention``) record
+* matrix products (``matmul``, ``bmm``, ``baddbmm``, ``scaled_dot_product_attention``, and a
+  two-operand ``einsum`` read as the batched product it is) record
   the channels they contract against each other (q dim ``j`` with k dim ``j``), the channels of
   each batch slice (one head), and hand the right operand's column channels on (``P·v``);
 * the shadow reaching a layer's input is recorded (the output projection's columns).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import weakref
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -203,9 +205,11 @@ class _Run:
             self._structural(func, args, kwargs, out)
         elif name in PRODUCTS:
             self._product(name, args, kwargs, out)
+        elif name == "einsum":
+            self._einsum(args, out)
         elif isinstance(out, torch.Tensor) and out.is_floating_point() and self._elementwise(leaves, out):
             self._merge(leaves, shadows, out)
-        # any other op (a reduction, an einsum, a comparison) hands no shadow on
+        # any other op (a reduction, a three-operand einsum, a comparison) hands no shadow on
 
     def _structural(self, func, args, kwargs, out) -> None:
         def swap(t):
@@ -278,6 +282,49 @@ class _Run:
         self.products.append(prod)
         if out is not None and (out[1] >= 0).any():
             self.put(*out)
+
+    def _einsum(self, args, out) -> None:
+        """A two-operand ``einsum`` without repeated or summed-away letters, read as the batched
+        product it is: ``(batch, left-only, contracted) @ (batch, contracted, right-only)``."""
+        ops = args[1:]
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = ops[0]
+        eq = args[0].replace(" ", "") if isinstance(args[0], str) else ""
+        if len(ops) != 2 or "->" not in eq or "." in eq or not isinstance(out, torch.Tensor):
+            return
+        lhs, o = eq.split("->")
+        if lhs.count(",") != 1:
+            return
+        a_sub, b_sub = lhs.split(",")
+        a, b = ops
+        if any(len(set(x)) != len(x) for x in (a_sub, b_sub, o)) or set(o) - set(a_sub + b_sub) \
+                or (set(a_sub) ^ set(b_sub)) - set(o) or len(a_sub) != a.dim() or len(b_sub) != b.dim():
+            return
+        batch = [c for c in o if c in a_sub and c in b_sub]
+        left = [c for c in o if c in a_sub and c not in b_sub]
+        right = [c for c in o if c in b_sub and c not in a_sub]
+        contracted = [c for c in a_sub if c in b_sub and c not in o]
+        size = {**dict(zip(b_sub, b.shape)), **dict(zip(a_sub, a.shape))}
+        nb = [size[c] for c in batch]
+
+        def arrange(s, sub, rows, cols):
+            if s is None:
+                return None
+            s = s.permute([sub.index(c) for c in batch + rows + cols])
+            return s.reshape(*nb, math.prod(size[c] for c in rows), math.prod(size[c] for c in cols))
+        sa, sb = arrange(self.get(a), a_sub, left, contracted), arrange(self.get(b), b_sub, contracted, right)
+        if sa is None and sb is None:
+            return
+        n, m = math.prod(size[c] for c in left), math.prod(size[c] for c in right)
+        if sb is not None and (sb[..., :1, :] != sb[..., :1, :1]).any():
+            so = sb[..., :1, :].expand(*nb, n, m)
+        elif sa is not None:
+            so = sa[..., :, :1].expand(*nb, n, m)
+        else:
+            so = sb[..., :1, :].expand(*nb, n, m)
+        order = batch + left + right
+        so = so.reshape(*nb, *(size[c] for c in left), *(size[c] for c in right)).permute([order.index(c) for c in o])
+        self._record(sa, sb, (out, so.contiguous()))
 
     def _matmul(self, a, b, out) -> None:
         sa, sb = self.get(a), self.get(b)

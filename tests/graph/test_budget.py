@@ -19,7 +19,10 @@ trace_mod = importlib.import_module("etp_graph.graph.trace")   # the package exp
 class Partition(nn.Module):
     """MaxViT's partition attention on ``(B, C, H, W)`` (torchvision's ``maxvit.py``, rebuilt):
     window partition (reshape, permute, reshape to channel-last windows), optionally the grid
-    swap, multi-head attention over each window (einsum), departition back."""
+    swap, multi-head attention over each window, departition back. The einsums are called
+    below the torch-function layer (``torch.ops.aten``), so the shadow run cannot see them and
+    find the attention: only the backend's walk is left, and through these reshapes it does not
+    close (``torch.einsum`` itself is followed; see test_discover.py)."""
 
     def __init__(self, c: int, heads: int, p: int, grid: bool):
         super().__init__()
@@ -37,8 +40,9 @@ class Partition(nn.Module):
         g, n = t.shape[1], t.shape[2]
         q, k, v = self.qkv(self.norm(t)).chunk(3, dim=-1)
         q, k, v = (z.reshape(b, g, n, self.heads, c // self.heads).permute(0, 1, 3, 2, 4) for z in (q, k, v))
-        a = torch.einsum("bghid,bghjd->bghij", q, k).softmax(-1)
-        o = t + self.merge(torch.einsum("bghij,bghjd->bghid", a, v).permute(0, 1, 3, 2, 4).reshape(b, g, n, c))
+        einsum = torch.ops.aten.einsum.default
+        a = einsum("bghid,bghjd->bghij", [q, k]).softmax(-1)
+        o = t + self.merge(einsum("bghij,bghjd->bghid", [a, v]).permute(0, 1, 3, 2, 4).reshape(b, g, n, c))
         if self.grid:
             o = o.transpose(-2, -3)
         return o.reshape(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
