@@ -28,6 +28,7 @@ from torch import nn
 from . import zoo
 from .counting import count_macs, count_params, unsupported_ops
 from .graph import trace
+from .graph.budget import TIME_LIMIT
 from .io import save_pruned
 
 from .log import log
@@ -182,6 +183,18 @@ def _checkpoint(model: nn.Module, path: Optional[str]) -> None:
                            f"{first[1].strip() if len(first) > 1 else first[0]}") from e
 
 
+def _seconds(text: str) -> Optional[float]:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0 or 'none', got {text!r}")
+    return value
+
+
 GRAPH_FORMATS = (".html", ".dot", ".gv", ".svg", ".png")
 
 
@@ -192,7 +205,7 @@ def _inspect(args) -> int:
     x = example_inputs(args, default, model)
     model.eval()
     log.info("tracing %s", type(model).__name__)
-    graph = trace(model, x, ignored_layers=ignored(model, args.ignore, heads))
+    graph = trace(model, x, ignored_layers=ignored(model, args.ignore, heads), time_limit=args.time_limit)
     print(graph.table())
     for s in graph.skipped:
         print(f"skipped {s.root}: {s.reason}")
@@ -214,7 +227,8 @@ def _prune(args) -> int:
     x = example_inputs(args, default, model)
     model.eval()
     target = {"target_speedup": args.target_speedup} if args.target_speedup else {"pruning_ratio": args.pruning_ratio}
-    pruner = ETPPruner(model, x, ignored_layers=ignored(model, args.ignore, heads), round_to=args.round_to, **target)
+    pruner = ETPPruner(model, x, ignored_layers=ignored(model, args.ignore, heads), round_to=args.round_to,
+                       time_limit=args.time_limit, **target)
     log.info("%d groups traced; pruning", len(pruner.graph.groups))
     report = pruner.step(measure_latency=args.latency)
     save_pruned(model, args.out)
@@ -254,6 +268,9 @@ def _parser() -> argparse.ArgumentParser:
                                                        "(a Tensor, a tuple or a dict of keyword arguments)")
         s.add_argument("--ignore", action="append", metavar="NAME",
                        help="a module never pruned, e.g. the task head (repeatable; zoo models know theirs)")
+        s.add_argument("--time-limit", type=_seconds, default=TIME_LIMIT, metavar="SECONDS",
+                       help=f"seconds the trace may take (default {TIME_LIMIT:g}; 'none': no limit); what is "
+                            "left when it runs out is skipped with the reason")
     i = sub.add_parser("inspect", help="print the coupled groups, what was skipped and why, MACs and params")
     model_args(i)
     i.add_argument("--graph", metavar="out.html", help="draw the dependency graph: .html (pyvis), .dot/.gv, "

@@ -23,6 +23,7 @@ from torch import nn
 from .counting import count_macs, count_params, measure_latency as _measure_latency
 from .graph import CoupledGroup, trace
 from .graph.atomic import Snapshot
+from .graph.budget import TIME_LIMIT
 from .graph.group import cut_groups, prune_groups
 from .graph.verify import twin
 from .hf import is_hf_model, sync_config
@@ -138,6 +139,7 @@ class ETPPruner:
     (see :func:`etp_graph.hf.sync_config`).
     ``outputs``: the model outputs a cut must leave as they are (passed to :func:`trace`), e.g.
     ``["logits"]`` for a T5, whose ``encoder_last_hidden_state`` narrows with its hidden width.
+    ``time_limit``: seconds the trace may take (passed to :func:`trace`; ``None``: no limit).
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterable[nn.Module]] = None,
@@ -146,7 +148,7 @@ class ETPPruner:
                  attention_units: str = "heads", max_pruning_ratio: Optional[float] = None,
                  group_filter: Optional[Callable[[CoupledGroup], bool]] = None, round_to: Optional[int] = None,
                  importance: Optional[Callable[[CoupledGroup], torch.Tensor]] = None, uniform: bool = False,
-                 outputs: Optional[Sequence[Any]] = None):
+                 outputs: Optional[Sequence[Any]] = None, time_limit: Optional[float] = TIME_LIMIT):
         given = {k: v for k, v in (("pruning_ratio", pruning_ratio), ("target_speedup", target_speedup),
                                    ("threshold", threshold)) if v is not None}
         if len(given) != 1:
@@ -183,11 +185,15 @@ class ETPPruner:
         self._importance = importance
         self.uniform = bool(uniform)
         self.outputs = outputs
+        if time_limit is not None and not time_limit >= 0:
+            raise ValueError(f"time_limit must be None or seconds >= 0, got {time_limit!r}")
+        self.time_limit = time_limit
         self._build()
 
     def _build(self) -> None:
         self.graph = trace(self.model, self.example_inputs, self.ignored_layers,
-                           attention_units=self.attention_units, outputs=self.outputs)
+                           attention_units=self.attention_units, outputs=self.outputs,
+                           time_limit=self.time_limit)
         if self.group_filter is not None:     # the others stay as they are: groups are independent
             self.graph.groups[:] = [g for g in self.graph.groups if self.group_filter(g)]
         self.regularizer: Regularizer = make_regularizer(self.graph.groups, self.config, self.model)

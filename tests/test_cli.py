@@ -38,6 +38,15 @@ def test_inspect_a_zoo_model_prints_groups_macs_and_params(capsys):
     assert f"MACs {eg.count_macs(eg.zoo.create('tiny_cnn'), eg.zoo.entry('tiny_cnn').example_inputs()):,}" in out
 
 
+def test_time_limit_reaches_the_trace(capsys):
+    assert cli.main(["inspect", "zoo:tiny_cnn", "--time-limit", "0"]) == 0
+    out = capsys.readouterr().out
+    assert not [line for line in out.splitlines()[1:] if line.split()[0].isdigit()]
+    assert out.count("the trace's time limit of 0 s ran out") == 3
+    assert cli.main(["inspect", "zoo:tiny_cnn", "--time-limit", "none"]) == 0
+    assert len([line for line in capsys.readouterr().out.splitlines()[1:] if line.split()[0].isdigit()]) == 3
+
+
 @pytest.mark.parametrize("how", ["file", "module"])
 def test_inspect_a_users_model_from_a_file_or_a_module(how, netfile, capsys):
     spec = f"{netfile}:make" if how == "file" else "mynet:make"
@@ -108,6 +117,7 @@ def test_prune_writes_a_model_that_loads_back(netfile, tmp_path, capsys):
     (["inspect", "zoo:tiny_cnn", "--arg", "width=3"], "is built as registered"),
     (["inspect", "zoo:tiny_cnn", "--graph", "g.pdf"], "write one of"),
     (["prune", "zoo:tiny_cnn", "--out", "p.pt"], "one of the arguments --target-speedup --pruning-ratio"),
+    (["inspect", "zoo:tiny_cnn", "--time-limit", "-1"], "expected seconds >= 0 or 'none'"),
 ])
 def test_bad_usage_is_one_line_and_exit_2(argv, says, netfile, capsys):
     argv = [a.replace("{net}", str(netfile)) for a in argv]

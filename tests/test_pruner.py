@@ -48,11 +48,19 @@ def test_exactly_one_target(kwargs):
 
 @pytest.mark.parametrize("kwargs,match", [(dict(pruning_ratio=1.0), "pruning_ratio"),
                                           (dict(target_speedup=0.5), "target_speedup"),
-                                          (dict(threshold=2.0), "threshold")])
+                                          (dict(threshold=2.0), "threshold"),
+                                          (dict(pruning_ratio=0.5, time_limit=-1), "time_limit")])
 def test_target_out_of_range(kwargs, match):
     net = VGGish()
     with pytest.raises(ValueError, match=match):
         eg.ETPPruner(net, X, ignored_layers=[net.fc], **kwargs)
+
+
+def test_time_limit_is_the_traces():
+    net = VGGish()
+    spent = eg.ETPPruner(net, X, ignored_layers=[net.fc], pruning_ratio=0.5, time_limit=0)
+    assert spent.graph.groups == [] and all("time limit of 0 s" in s.reason for s in spent.graph.skipped)
+    assert eg.ETPPruner(net, X, ignored_layers=[net.fc], pruning_ratio=0.5, time_limit=None).graph.groups
 
 
 def test_pruning_ratio_removes_lowest_and_breaks_ties_far_from_pivot():

@@ -35,6 +35,9 @@ __all__ = ["TIME_LIMIT", "Exhausted", "Budget", "bounded", "one_walk", "check_ti
 TIME_LIMIT = 300.0
 
 
+_LONGER = "give it longer with time_limit=... (trace, ETPPruner; --time-limit in the CLI; None: no limit)"
+
+
 class Exhausted(Exception):
     """A limit ran out; the message says which and how to raise it."""
 
@@ -56,11 +59,10 @@ class Budget:
     def check_time(self, what: str) -> None:
         if self.out_of_time():
             raise Exhausted(f"{what} was not done when the trace's time limit of {self.time_limit:g} s ran out; "
-                            "pass trace(time_limit=...) (None: no limit) to give it longer")
+                            f"{_LONGER}")
 
     def time_left_reason(self, what: str) -> str:
-        return (f"{what} was not examined: the trace's time limit of {self.time_limit:g} s ran out; "
-                "pass trace(time_limit=...) (None: no limit) to give it longer")
+        return f"{what} was not examined: the trace's time limit of {self.time_limit:g} s ran out; {_LONGER}"
 
 
 #: A step may carry this many times the widest dimension (indices repeat across concat inputs).

@@ -97,7 +97,7 @@ def test_the_time_limit_stops_a_walk_that_runs_on(unbounded_walks):
     assert time.perf_counter() - start < 20
     reasons = {s.root: s.reason for s in g.skipped}
     assert "was not done when the trace's time limit of 2 s ran out" in reasons["blocks.0.1.qkv"]
-    assert "trace(time_limit=...)" in reasons["blocks.0.1.qkv"]
+    assert "time_limit=... (trace, ETPPruner; --time-limit in the CLI" in reasons["blocks.0.1.qkv"]
     assert "was not examined" in reasons["head"]
     assert not g.groups or all(grp.root == "stem" for grp in g.groups)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
