@@ -13,9 +13,6 @@ KNOWN_SKIPS = {
     # the streams meet cross attention;
     # the decoder self-attention (mix=True) interleaves heads with time steps
     "informer_etth1": ["breaks the forward in 'enc_embedding' (DataEmbedding)", "cross attention", "mix=True"],
-    # ShuffleNet v2's stage width: a cut must keep every chunk's halves equal and the shuffle's
-    # pairs aligned across the stage's units (docs/engine.md); the branches' widths are exact
-    "tiny_shufflenet_v2": ["fewer than two prunable units", "breaks the forward in 'conv5.0'"],
 }
 
 

@@ -29,6 +29,7 @@ from .assemble import Refused, Tied, internal_groups, make_group, merge_tied, sh
 from .backend import Backend, build_backend
 from .budget import TIME_LIMIT, Budget, Exhausted, bounded, check_time, one_walk, out_of_time, step_limit
 from .discover import _Union, find_attention
+from .flow import flow_groups, flow_run
 from .graph import ChannelGraph, SkippedGroup, layer_graph
 from .group import CoupledGroup
 from ..log import log, phase, progress
@@ -405,7 +406,44 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
             _keep(graph, name, g, validate)
     if failed:
         _join_layers(graph, failed, example_inputs)
+    if validate and graph.skipped and any(bk.get(n).split_view or tp.ops.OPTYPE.SPLIT in (n.type, bk.get(n).backend_type)
+                                          for n in dg.module2node.values()):
+        try:
+            failed = _split_flows(graph, example_inputs, ignored) or failed
+        except Exhausted:   # out of time: the refusals stand as they are
+            pass
+    if failed:
         _reorder(graph)
+
+
+def _split_flows(graph: ChannelGraph, example_inputs, ignored: Set[nn.Module]) -> bool:
+    """Groups of the layers whose channels meet in a channel split, found by following every
+    channel at once (:mod:`.flow`: ShuffleNet v2's split, branch, concat and shuffle), kept
+    where they pass the mask-then-prune check by value, cut nothing a kept group cuts, and
+    cover a refused root; they replace those refusals. True when one was kept."""
+    check_time("the channel flows through splits")
+    model = graph.model
+    flows = flow_run(model, example_inputs, {m: n for n, m in model.named_modules()})
+    taken = {(it.owner, it.attr, it.dim, i) for g in graph.groups for it in g.items for i in it.index.tolist()}
+    kept = False
+    for group, cut, why in flow_groups(graph, flows, ignored):
+        refused = {s.root for s in graph.skipped} & set(cut)
+        if not refused:
+            continue
+        if group is None:   # where the splits' balance is why, that says more than the backend
+            if why:
+                graph.skipped[:] = [SkippedGroup(s.root, why) if s.root in refused else s for s in graph.skipped]
+            continue
+        if not group.exact or any((it.owner, it.attr, it.dim, i) in taken
+                                  for it in group.items for i in it.index.tolist()):
+            continue
+        check_time("the channel flows through splits")
+        group.id = len(graph.groups)
+        if check_group(model, example_inputs, group) is None:
+            graph.groups.append(group)
+            graph.skipped[:] = [s for s in graph.skipped if s.root not in cut]
+            kept = True
+    return kept
 
 
 @dataclasses.dataclass

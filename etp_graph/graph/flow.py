@@ -1,0 +1,360 @@
+"""Channel flows through splits and shuffles, read from what the forward computes.
+
+The backend follows one root layer's channels by position; where halves of a tensor go
+different ways and come back interleaved (ShuffleNet v2: ``chunk(2)`` → one half passes, the
+other goes through a branch → ``cat`` → channel shuffle), the channels of several layers share
+every constraint and no one root's group can hold them. This pass follows every channel of the
+model at once instead (a forward with shadows, as :mod:`.shadow`), and builds one group per set
+of layers whose channels meet in a channel split:
+
+* every layer that writes channels (a convolution, a Linear) gives each output channel an id;
+  a per-channel layer (BatchNorm, a depthwise convolution) passes its input's ids on;
+* views, reshapes, permutes, cats and splits move the ids as they move the values; where two
+  ids meet element-wise (a residual add, a squeeze-excitation scale) they are one unit;
+* a view that splits the channels into ``(g, C/g)`` (a shuffle's first step) ties position ``j``
+  of every part: removal must keep the parts aligned;
+* a ``chunk``/``split`` of the channels into equal parts asks only that every part lose as many
+  channels (:func:`balanced`): the parts go different ways.
+
+A group found here is kept only where it passes the mask-then-prune check, and only where
+nothing else already cuts its tensors; it replaces the refusals of the layers it covers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from ..handlers import get_handler
+from .discover import _Union
+from .group import CoupledGroup, SliceItem
+from .inputs import eval_mode, flat_tensors, forward
+from .shadow import PRODUCTS, STRUCTURAL, _Mode, _Run
+
+__all__ = ["Flows", "flow_run", "flow_groups", "balanced", "BALANCE_STATES"]
+
+_SPLITS = frozenset("chunk split tensor_split split_with_sizes".split())
+_VIEWS = frozenset("view reshape unflatten".split())
+
+#: Partial sums a balancing search may hold before it gives up (the group is then not offered).
+BALANCE_STATES = 50_000
+
+
+@dataclasses.dataclass
+class Flows:
+    """What the flow run saw: ids per layer, and the constraints on them."""
+
+    sources: Dict[str, Tuple[int, int]]          # layer → (first id, channels) of its output
+    passes: Dict[str, torch.Tensor]              # per-channel layer → the ids it carries
+    reads: Dict[str, torch.Tensor]               # consuming layer → id per input channel (-1: none)
+    parts: List[List[torch.Tensor]]              # channel splits: the ids of each equal part
+    aligned: List[Tuple[torch.Tensor, int]]      # channel-splitting views: (ids, part width)
+    ties: List[torch.Tensor]                     # [2, K] ids meeting element-wise
+    blocked: Set[int]                            # ids that reach a product, a model output or a fixed-size split
+
+
+def passes_channels(m: nn.Module) -> bool:
+    """A layer whose output channel ``j`` is its input channel ``j`` (BatchNorm, LayerNorm,
+    a depthwise convolution), as its handler describes it."""
+    h = get_handler(m)
+    if h is None:
+        return False
+    try:
+        same = h.num_channels(m, "in") == h.num_channels(m, "out")
+    except Exception:
+        return False
+    return bool(same) and (not h.can_root or not h.slices(m, "in"))
+
+
+def _axis(s: torch.Tensor) -> Optional[int]:
+    """The one dimension along which a shadow's ids change (the channels), else ``None``."""
+    moving = [d for d in range(s.dim()) if s.shape[d] > 1 and bool((s != s.narrow(d, 0, 1)).any())]
+    return moving[0] if len(moving) == 1 else None
+
+
+def _along(s: torch.Tensor, d: int) -> torch.Tensor:
+    return s.movedim(d, -1).reshape(-1, s.shape[d])[0].clone()
+
+
+class _FlowRun(_Run):
+    def __init__(self):
+        super().__init__()
+        self.parts: List[List[torch.Tensor]] = []
+        self.aligned: List[Tuple[torch.Tensor, int]] = []
+        self.fixed: Set[int] = set()
+
+    def step(self, func, args, kwargs, out) -> None:
+        super().step(func, args, kwargs, out)
+        if not isinstance(out, torch.Tensor) or self.get(out) is not None or not out.is_floating_point():
+            return
+        name = getattr(func, "__name__", "")
+        if name in STRUCTURAL or name in PRODUCTS or self.hidden:
+            return
+        shadowed = [(t, self.get(t)) for t in pytree.tree_leaves((args, kwargs)) if self.get(t) is not None]
+        if len(shadowed) != 1:
+            return
+        s = shadowed[0][1]
+        d = _axis(s)
+        # a pool, a mean over space, an interpolation: the channels stay where they were
+        if d is not None and d < out.dim() and tuple(out.shape[:d + 1]) == tuple(s.shape[:d + 1]):
+            ids = _along(s, d)
+            self.put(out, ids.view([-1 if k == d else 1 for k in range(out.dim())]).expand(out.shape).clone())
+
+    def _structural(self, func, args, kwargs, out) -> None:
+        name = getattr(func, "__name__", "")
+        src = args[0] if args else None
+        s = self.get(src)
+        super()._structural(func, args, kwargs, out)
+        if s is None or not isinstance(src, torch.Tensor):
+            return
+        d = _axis(s)
+        if d is None:
+            return
+        if name in _SPLITS and isinstance(out, (tuple, list)) and len(out) > 1:
+            dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+            if int(dim) % s.dim() == d:
+                ids = _along(s, d)
+                sizes = [o.shape[d] for o in out]
+                if len(set(sizes)) > 1:    # fixed sizes: no cut keeps the forward running
+                    self.fixed.update(int(i) for i in ids.tolist() if i >= 0)
+                    return
+                offsets = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+                self.parts.append([ids[offsets[k]:offsets[k + 1]] for k in range(len(sizes))])
+        elif name in _VIEWS and isinstance(out, torch.Tensor):
+            so = self.get(out)
+            if so is None or so.dim() != s.dim() + 1:
+                return
+            moving = [k for k in range(so.dim()) if so.shape[k] > 1 and bool((so != so.narrow(k, 0, 1)).any())]
+            if len(moving) == 2 and moving[1] == moving[0] + 1 and so.shape[moving[0]] * so.shape[moving[1]] == s.shape[d]:
+                ids = _along(s, d)
+                flat = so.permute([k for k in range(so.dim()) if k not in moving] + moving)
+                flat = flat.reshape(-1, so.shape[moving[0]] * so.shape[moving[1]])[0]
+                if torch.equal(flat, ids):
+                    self.aligned.append((ids, so.shape[moving[1]]))
+
+
+def flow_run(model: nn.Module, example_inputs: Any, names: Dict[nn.Module, str]) -> Flows:
+    """One forward of ``model`` with channel ids (see the module docstring)."""
+    run = _FlowRun()
+    sources: Dict[str, Tuple[int, int]] = {}
+    passes: Dict[str, torch.Tensor] = {}
+    reads: Dict[str, torch.Tensor] = {}
+    carried: Dict[int, Optional[torch.Tensor]] = {}
+    hooks, base = [], [0]
+
+    def channel_ids(m, x):
+        s = run.get(x)
+        h = get_handler(m)
+        if s is None or s.dim() < 2:
+            return None
+        d = s.dim() - 1 if (h.channel_last or s.dim() == 2) else 1
+        return _along(s, d)
+
+    def pre(m, args, kwargs):
+        if get_handler(m) is None:
+            run.stack.append(names.get(m, ""))
+            return
+        if run.hidden == 0:
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            ids = channel_ids(m, x)
+            carried[id(m)] = ids
+            if ids is not None:
+                reads.setdefault(names.get(m, ""), ids)
+        run.hidden += 1
+
+    def post(m, args, kwargs, out):
+        h = get_handler(m)
+        if h is None:
+            run.stack.pop()
+            return
+        run.hidden -= 1
+        if run.hidden or not isinstance(out, torch.Tensor) or out.dim() < 2:
+            return
+        name = names.get(m, "")
+        d = out.dim() - 1 if (h.channel_last or out.dim() == 2) else 1
+        ids = carried.pop(id(m), None)
+        if passes_channels(m):
+            if ids is not None and len(ids) == out.shape[d]:
+                passes.setdefault(name, ids)
+                run.put(out, ids.view([-1 if k == d else 1 for k in range(out.dim())]).expand(out.shape).clone())
+            return
+        if h.can_root:
+            n = out.shape[d]
+            if name not in sources:
+                sources[name] = (base[0], n)
+                base[0] += n
+            first, _ = sources[name]
+            fresh = torch.arange(first, first + n).view([-1 if k == d else 1 for k in range(out.dim())])
+            run.put(out, fresh.expand(out.shape).clone())
+
+    for m in model.modules():
+        hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        hooks.append(m.register_forward_hook(post, with_kwargs=True))
+    try:
+        with eval_mode(model), torch.no_grad(), _Mode(run):
+            out = forward(model, example_inputs)
+            blocked = {int(i) for t in flat_tensors(out) for s in [run.get(t)] if s is not None
+                       for i in s.unique().tolist() if i >= 0}
+    finally:
+        for hk in hooks:
+            hk.remove()
+    blocked |= {i for p in run.products for i in p.ids} | run.fixed
+    return Flows(sources, passes, reads, run.parts, run.aligned, run.mixed, blocked)
+
+
+# ------------------------------------------------------------------------------ balance
+def balanced(classes: List[List[int]], vectors: List[Tuple[int, ...]]) -> Optional[List[List[int]]]:
+    """``classes`` (of ids) joined into units whose ``vectors`` (the surplus each class removes
+    from every part past the first of every split, against the first) sum to zero, so that
+    any set of units keeps every split's parts equal. The earliest unbalanced class is joined
+    with the fewest others that cancel it (classes with equal vectors are interchangeable: the
+    earliest of each are taken), again until none is left; one that nothing cancels stays out
+    of the units (never removed). ``None`` when the search grows past :data:`BALANCE_STATES`."""
+    zero = (0,) * (len(vectors[0]) if vectors else 0)
+    units = [cls for cls, v in zip(classes, vectors) if v == zero]
+    pools: Dict[Tuple[int, ...], List[int]] = {}
+    for k, v in enumerate(vectors):
+        if v != zero:
+            pools.setdefault(v, []).append(k)
+    while pools:
+        first = min(pools, key=lambda v: pools[v][0])
+        counts = _composition([(v, len(ks)) for v, ks in pools.items()], first, zero)
+        if counts is False:
+            return None
+        if counts is None:     # nothing cancels it: it stays
+            pools[first].pop(0)
+        else:
+            chosen = [k for v, c in counts.items() for k in pools[v][:c]]
+            for v, c in counts.items():
+                del pools[v][:c]
+            units.append(sorted(i for k in chosen for i in classes[k]))
+        pools = {v: ks for v, ks in pools.items() if ks}
+    return sorted(units, key=min)
+
+
+def _composition(types, first, zero):
+    """The fewest vectors (at most the count of each type), one of them ``first``, summing to
+    zero, as ``{vector: count}``: a search by size (one more vector per round, the first type
+    first on a tie); ``None`` if there are none, ``False`` past the state limit."""
+    counts0 = tuple(1 if v == first else 0 for v, _ in types)
+    level: Dict[Tuple[int, ...], Tuple[int, ...]] = {tuple(first): counts0}
+    seen = 1
+    for _ in range(sum(have for _, have in types)):
+        if zero in level:
+            return {v: c for (v, _), c in zip(types, level[zero]) if c}
+        grown: Dict[Tuple[int, ...], Tuple[int, ...]] = {}
+        for s, counts in level.items():
+            for t, (v, have) in enumerate(types):
+                if counts[t] < have:
+                    acc = tuple(a + b for a, b in zip(s, v))
+                    if acc not in grown:
+                        grown[acc] = counts[:t] + (counts[t] + 1,) + counts[t + 1:]
+        seen += len(grown)
+        if seen > BALANCE_STATES:
+            return False
+        if not grown:
+            return None
+        level = grown
+    return {v: c for (v, _), c in zip(types, level[zero]) if c} if zero in level else None
+
+
+# ------------------------------------------------------------------------------- groups
+def flow_groups(graph, flows: Flows, ignored: Set[nn.Module]) -> List[Tuple[Optional[CoupledGroup], List[str], str]]:
+    """Per set of channels that meet in a channel split: ``(group, layers, reason)``, the
+    unverified group (``None`` when it cannot be made, with the ``reason`` where the splits'
+    balance is why, else ``""``) and the layers whose output channels it holds (the refusals it
+    may replace)."""
+    model = graph.model
+    modules = dict(model.named_modules())
+    uf = _Union()
+    for pair in flows.ties:
+        for a, b in pair.t().tolist():
+            uf.join(a, b)
+    for ids, width in flows.aligned:
+        for j in range(width):
+            column = ids[j::width].tolist()
+            for other in column[1:]:
+                uf.join(column[0], other)
+    every = [i for first, n in flows.sources.values() for i in range(first, first + n)]
+    classes: Dict[int, List[int]] = {}
+    for i in every:
+        classes.setdefault(uf.find(i), []).append(i)
+    # classes that meet in one split are one group
+    link = _Union()
+    for split in flows.parts:
+        roots = [uf.find(int(i)) for part in split for i in part.tolist() if i >= 0]
+        for r in roots[1:]:
+            link.join(roots[0], r)
+    in_splits = _split_classes(flows, uf)
+    found: Dict[int, List[int]] = {}
+    for r in classes:
+        if r in in_splits:
+            found.setdefault(link.find(r), []).append(r)
+    return [_build(graph, flows, uf, classes, members, modules, ignored) for members in found.values()]
+
+
+def _split_classes(flows: Flows, uf: _Union) -> Set[int]:
+    return {uf.find(int(i)) for split in flows.parts for part in split for i in part.tolist() if i >= 0}
+
+
+def _build(graph, flows: Flows, uf: _Union, classes, members: List[int], modules, ignored):
+    member_set = set(members)
+    order = {n: k for k, n in enumerate(modules)}
+    cut = sorted((name for name, (first, n) in flows.sources.items()
+                  if any(uf.find(i) in member_set for i in range(first, first + n))),
+                 key=lambda n: order.get(n, len(order)))
+    if any(uf.find(i) in member_set for i in flows.blocked):
+        return None, cut, ""      # the refusals already say why
+    splits = [s for s in flows.parts if any(uf.find(int(i)) in member_set for p in s for i in p.tolist() if i >= 0)]
+    ordered = sorted((classes[r] for r in members), key=min)
+    dims = [(k, j) for k, s in enumerate(splits) for j in range(1, len(s))]
+    index_of = {uf.find(c[0]): n for n, c in enumerate(ordered)}
+    counts = [[0] * len(dims) for _ in ordered]
+    for col, (k, j) in enumerate(dims):
+        for sign, part in ((1, splits[k][j]), (-1, splits[k][0])):
+            for i in part.tolist():
+                if i >= 0 and uf.find(i) in index_of:
+                    counts[index_of[uf.find(i)]][col] += sign
+    units = balanced(ordered, [tuple(c) for c in counts])
+    if units is None:
+        return None, cut, (f"balancing the parts of the {len(splits)} channel splits its channels meet needs more "
+                           f"than {BALANCE_STATES:,} partial sums")
+    if len(units) < 2:
+        return None, cut, (f"its channels meet {len(splits)} channel splits (chunk/split) whose parts must "
+                           "stay equal, with shuffles between them; no proper subset of them keeps every "
+                           "split's parts equal (the split-shuffle chain is too deep for its width), so "
+                           "they are all kept")
+    unit_of = {i: u for u, ids in enumerate(units) for i in ids}
+    items: List[SliceItem] = []
+    exact = True
+
+    def add(name: str, role: str, ids: torch.Tensor) -> bool:
+        nonlocal exact
+        m = modules[name]
+        h = get_handler(m)
+        local = [k for k, i in enumerate(ids.tolist()) if i in unit_of]
+        if not local:
+            return True
+        if (role == "out" and m in ignored) or h.unsupported(m, role):
+            return False
+        exact &= h.exact_when_masked
+        pos = torch.tensor(local, dtype=torch.long)
+        unit = torch.tensor([unit_of[int(ids[k])] for k in local], dtype=torch.long)
+        for s in h.slices(m, role):
+            at, index = s.index(pos)
+            owner, _, attr = s.attr.rpartition(".")
+            owner = f"{name}.{owner}" if owner else name
+            items.append(SliceItem(owner, attr, s.dim, unit[at], index, name, role, pos[at]))
+        return True
+
+    for name in cut:
+        first, n = flows.sources[name]
+        if not add(name, "out", torch.arange(first, first + n)):
+            return None, cut, ""
+    for name, ids in list(flows.passes.items()) + [(n, i) for n, i in flows.reads.items() if n not in flows.passes]:
+        if not add(name, "out" if name in flows.passes else "in", ids):
+            return None, cut, ""
+    return CoupledGroup(graph, 0, cut[0], len(units), items, exact, ["Concat", "Reshape", "Split"]), cut, ""

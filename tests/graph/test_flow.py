@@ -1,0 +1,105 @@
+"""Channel flows through splits and shuffles (etp_graph.graph.flow): ShuffleNet v2's stage width
+is one group whose units keep every chunk's halves equal and every shuffle aligned."""
+import pytest
+import torch
+from torch import nn
+
+import etp_graph as eg
+from etp_graph.graph import flow
+from etp_graph.testing import assert_prune_equivalent
+from etp_graph.zoo.tiny import TinyShuffleNetV2, _SplitShuffleBlock, _conv_bn
+
+
+def test_balanced_joins_classes_that_cancel_and_leaves_out_what_nothing_cancels():
+    # two halves of one split: a class in the first half (-1) goes with one in the second (+1)
+    classes, vectors = [[0], [1], [2], [3]], [(-1,), (-1,), (1,), (1,)]
+    assert flow.balanced(classes, vectors) == [[0, 2], [1, 3]]
+    # a class already balanced is a unit alone; the fewest classes cancel (two +1 for one -2)
+    assert flow.balanced([[0, 4], [1], [2], [3]], [(0,), (-2,), (1,), (1,)]) == [[0, 4], [1, 2, 3]]
+    # nothing cancels +1: it stays out of the units (never removed)
+    assert flow.balanced([[0], [1], [2]], [(1,), (-1,), (1,)]) == [[0, 1]]
+
+
+def test_balanced_gives_up_past_its_state_limit(monkeypatch):
+    monkeypatch.setattr(flow, "BALANCE_STATES", 3)
+    vectors = [(k, -k, 2 * k) for k in (1, 2, 3, 4, 5)] + [(-15, 15, -30)]
+    assert flow.balanced([[k] for k in range(6)], vectors) is None
+
+
+def test_a_shufflenet_v2_stage_is_one_group_whose_cuts_keep_the_halves_equal():
+    model = TinyShuffleNetV2().eval()
+    x = torch.randn(2, 3, 16, 16)
+    g = eg.trace(model, x, ignored_layers=[model.fc])
+    assert not g.skipped, g.table()
+    (stage,) = [grp for grp in g.groups if "Split" in grp.ops]
+    assert stage.root == "stage.0.branch1.1.0" and stage.size == 2 and stage.exact
+    owners = {it.owner for it in stage.items}
+    # births of every unit, the per-channel layers they pass, the convolutions that read them
+    assert {"stage.0.branch1.1.0", "stage.0.branch2.2.0", "stage.1.branch2.2.0", "stage.2.branch2.2.0",
+            "stage.1.branch2.0.0", "stage.2.branch2.0.0", "conv5.0", "stage.0.branch1.1.1"} <= owners
+    checks = assert_prune_equivalent(model, x, ignored_layers=[model.fc])
+    assert [c.checked for c in checks if c.root == stage.root] == ["values"] * 3
+    before = model.stage[1].branch2[0][0].in_channels
+    stage.prune([0])
+    # a unit is four of the eight pairs: the stage's width 16 -> 8, every chunk's halves 8 -> 4
+    assert model.conv5[0].in_channels == 8 and model.stage[1].branch2[0][0].in_channels == before - 4
+    assert model(x).shape == (2, 4)
+
+
+class DeepStage(nn.Module):
+    """A stage of eight split-shuffle units of width 16: no subset keeps every chunk balanced."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = _conv_bn(3, 8, 3, 2)
+        self.stage = nn.Sequential(_SplitShuffleBlock(8, 16, 2), *[_SplitShuffleBlock(16, 16, 1) for _ in range(7)])
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.stage(self.stem(x)).mean((2, 3)))
+
+
+def test_a_stage_too_deep_for_its_width_is_refused_with_the_reason():
+    model = DeepStage().eval()
+    x = torch.randn(2, 3, 16, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = eg.trace(model, x, ignored_layers=[model.fc])
+    reasons = {s.root: s.reason for s in g.skipped}
+    assert "stage.0.branch1.1.0" in reasons
+    assert all("7 channel splits" in r and "no proper subset" in r for r in reasons.values()), reasons
+    # every unit's own branch width is still a group of its own
+    assert len([grp for grp in g.groups if grp.root.endswith("branch2.0.0")]) == 8
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_flows_leave_a_glu_and_a_kept_group_alone():
+    """A model whose splits are already handled gets nothing new from the flows."""
+    e = eg.zoo.entry("tiny_glu")
+    model = e.build()
+    g = eg.trace(model, e.example_inputs(), ignored_layers=e.heads(model))
+    assert not [grp for grp in g.groups if "Split" in grp.ops and grp.root.startswith("stage")]
+    assert [s.reason for s in g.skipped if "fixed sizes" in s.reason]
+
+
+@pytest.mark.parametrize("blocks, units", [(2, 4), (3, 2)])
+def test_units_follow_the_depth_of_the_chain(blocks, units):
+    """Width 16 (8 pairs): one chunk after the first unit balances pairs two by two (4 units),
+    two chunks four by four (2 units)."""
+    class Stage(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.stem = _conv_bn(3, 8, 3, 2)
+            self.stage = nn.Sequential(_SplitShuffleBlock(8, 16, 2), *[_SplitShuffleBlock(16, 16, 1)
+                                                                       for _ in range(blocks - 1)])
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc(self.stage(self.stem(x)).mean((2, 3)))
+
+    model, x = Stage().eval(), torch.randn(2, 3, 16, 16)
+    g = eg.trace(model, x, ignored_layers=[model.fc])
+    (stage,) = [grp for grp in g.groups if "Split" in grp.ops]
+    assert stage.size == units
+    assert_prune_equivalent(model, x, ignored_layers=[model.fc])
