@@ -34,7 +34,7 @@ from .group import CoupledGroup, SliceItem
 from .inputs import eval_mode, flat_tensors, forward
 from .shadow import PRODUCTS, STRUCTURAL, _Mode, _Run
 
-__all__ = ["Flows", "flow_run", "flow_groups", "balanced", "BALANCE_STATES"]
+__all__ = ["Flows", "flow_run", "flow_groups", "flow_items", "width_with_heads", "balanced", "BALANCE_STATES"]
 
 _SPLITS = frozenset("chunk split tensor_split split_with_sizes".split())
 _VIEWS = frozenset("view reshape unflatten".split())
@@ -262,13 +262,8 @@ def _composition(types, first, zero):
 
 
 # ------------------------------------------------------------------------------- groups
-def flow_groups(graph, flows: Flows, ignored: Set[nn.Module]) -> List[Tuple[Optional[CoupledGroup], List[str], str]]:
-    """Per set of channels that meet in a channel split: ``(group, layers, reason)``, the
-    unverified group (``None`` when it cannot be made, with the ``reason`` where the splits'
-    balance is why, else ``""``) and the layers whose output channels it holds (the refusals it
-    may replace)."""
-    model = graph.model
-    modules = dict(model.named_modules())
+def _classes(flows: Flows) -> Tuple[_Union, Dict[int, List[int]]]:
+    """Ids that must go together (element-wise meetings, aligned view parts), by class root."""
     uf = _Union()
     for pair in flows.ties:
         for a, b in pair.t().tolist():
@@ -278,17 +273,27 @@ def flow_groups(graph, flows: Flows, ignored: Set[nn.Module]) -> List[Tuple[Opti
             column = ids[j::width].tolist()
             for other in column[1:]:
                 uf.join(column[0], other)
-    every = [i for first, n in flows.sources.values() for i in range(first, first + n)]
     classes: Dict[int, List[int]] = {}
-    for i in every:
-        classes.setdefault(uf.find(i), []).append(i)
+    for first, n in flows.sources.values():
+        for i in range(first, first + n):
+            classes.setdefault(uf.find(i), []).append(i)
+    return uf, classes
+
+
+def flow_groups(graph, flows: Flows, ignored: Set[nn.Module]) -> List[Tuple[Optional[CoupledGroup], List[str], str]]:
+    """Per set of channels that meet in a channel split: ``(group, layers, reason)``, the
+    unverified group (``None`` when it cannot be made, with the ``reason`` where the splits'
+    balance is why, else ``""``) and the layers whose output channels it holds (the refusals it
+    may replace)."""
+    modules = dict(graph.model.named_modules())
+    uf, classes = _classes(flows)
     # classes that meet in one split are one group
     link = _Union()
     for split in flows.parts:
         roots = [uf.find(int(i)) for part in split for i in part.tolist() if i >= 0]
         for r in roots[1:]:
             link.join(roots[0], r)
-    in_splits = _split_classes(flows, uf)
+    in_splits = {uf.find(int(i)) for split in flows.parts for part in split for i in part.tolist() if i >= 0}
     found: Dict[int, List[int]] = {}
     for r in classes:
         if r in in_splits:
@@ -296,16 +301,16 @@ def flow_groups(graph, flows: Flows, ignored: Set[nn.Module]) -> List[Tuple[Opti
     return [_build(graph, flows, uf, classes, members, modules, ignored) for members in found.values()]
 
 
-def _split_classes(flows: Flows, uf: _Union) -> Set[int]:
-    return {uf.find(int(i)) for split in flows.parts for part in split for i in part.tolist() if i >= 0}
+def _cut_layers(flows: Flows, uf: _Union, members: Set[int], modules) -> List[str]:
+    order = {n: k for k, n in enumerate(modules)}
+    return sorted((name for name, (first, n) in flows.sources.items()
+                   if any(uf.find(i) in members for i in range(first, first + n))),
+                  key=lambda n: order.get(n, len(order)))
 
 
 def _build(graph, flows: Flows, uf: _Union, classes, members: List[int], modules, ignored):
     member_set = set(members)
-    order = {n: k for k, n in enumerate(modules)}
-    cut = sorted((name for name, (first, n) in flows.sources.items()
-                  if any(uf.find(i) in member_set for i in range(first, first + n))),
-                 key=lambda n: order.get(n, len(order)))
+    cut = _cut_layers(flows, uf, member_set, modules)
     if any(uf.find(i) in member_set for i in flows.blocked):
         return None, cut, ""      # the refusals already say why
     splits = [s for s in flows.parts if any(uf.find(int(i)) in member_set for p in s for i in p.tolist() if i >= 0)]
@@ -327,7 +332,18 @@ def _build(graph, flows: Flows, uf: _Union, classes, members: List[int], modules
                            "stay equal, with shuffles between them; no proper subset of them keeps every "
                            "split's parts equal (the split-shuffle chain is too deep for its width), so "
                            "they are all kept")
-    unit_of = {i: u for u, ids in enumerate(units) for i in ids}
+    made = flow_items(flows, modules, ignored, cut, {i: u for u, ids in enumerate(units) for i in ids})
+    if made is None:
+        return None, cut, ""
+    items, exact = made
+    return CoupledGroup(graph, 0, cut[0], len(units), items, exact, ["Concat", "Reshape", "Split"]), cut, ""
+
+
+def flow_items(flows: Flows, modules, ignored, cut: Sequence[str],
+               unit_of: Dict[int, int]) -> Optional[Tuple[List[SliceItem], bool]]:
+    """The slices of every layer holding an id of ``unit_of`` (id → unit): the out-channels of
+    the layers in ``cut`` and of the per-channel layers they pass, the in-channels of the layers
+    reading them; with whether the group is exact. ``None`` where a layer cannot be cut so."""
     items: List[SliceItem] = []
     exact = True
 
@@ -353,8 +369,52 @@ def _build(graph, flows: Flows, uf: _Union, classes, members: List[int], modules
     for name in cut:
         first, n = flows.sources[name]
         if not add(name, "out", torch.arange(first, first + n)):
-            return None, cut, ""
+            return None
     for name, ids in list(flows.passes.items()) + [(n, i) for n, i in flows.reads.items() if n not in flows.passes]:
         if not add(name, "out" if name in flows.passes else "in", ids):
-            return None, cut, ""
-    return CoupledGroup(graph, 0, cut[0], len(units), items, exact, ["Concat", "Reshape", "Split"]), cut, ""
+            return None
+    return items, exact
+
+
+def width_with_heads(graph, flows: Flows, ignored: Set[nn.Module], attentions: Sequence[Any]):
+    """Attentions whose forward reshapes the heads' output to the width of their input (MaxViT's
+    ``reshape(B, G, P, D)`` with ``D = x.shape[-1]``) can lose a head only with as many channels
+    of that width. Per width (a class of ids read by the attentions' projections) and the
+    attentions reading it, all with ``H`` heads over a width of ``H · d``: the joined groups to
+    try, one per bookkeeping attempt, whose unit ``k`` is head ``k`` of every attention and width
+    channels ``[k·d, (k+1)·d)``; with the layers whose output channels they cut."""
+    modules = dict(graph.model.named_modules())
+    uf, classes = _classes(flows)
+    by_width: Dict[frozenset, List[Any]] = {}
+    for att in attentions:
+        readers = {it.module for g in att.attempts[:1] for it in g.items if it.role == "out"}
+        roots = frozenset(uf.find(int(i)) for name in readers for i in flows.reads.get(name, torch.tensor([])).tolist()
+                          if i >= 0)
+        if roots:
+            by_width.setdefault(roots, []).append(att)
+    out = []
+    for roots, atts in by_width.items():
+        heads = {att.attempts[0].size for att in atts}
+        width = sorted((classes[r] for r in roots), key=min)
+        if len(heads) != 1 or any(len(c) == 0 for c in width) or any(uf.find(i) in roots for i in flows.blocked):
+            continue
+        (h,) = heads
+        if h < 2 or len(width) % h:
+            continue
+        d = len(width) // h
+        unit_of = {i: k // d for k, cls in enumerate(width) for i in cls}
+        cut = _cut_layers(flows, uf, set(roots), modules)
+        made = flow_items(flows, modules, ignored, cut, unit_of)
+        if made is None:
+            continue
+        items, exact = made
+        tries = []
+        for k in range(max(len(att.attempts) for att in atts)):
+            parts = [att.attempts[min(k, len(att.attempts) - 1)] for att in atts]
+            tries.append(CoupledGroup(graph, 0, parts[0].root, h,
+                                      [dataclasses.replace(i, pairs=None) for p in parts for i in p.items] + items,
+                                      exact and all(p.exact for p in parts), ["attention"],
+                                      [c for p in parts for c in p.counters],
+                                      {n: v for p in parts for n, v in p.heads.items()}))
+        out.append((tries, cut, atts))
+    return out

@@ -29,7 +29,7 @@ from .assemble import Refused, Tied, internal_groups, make_group, merge_tied, sh
 from .backend import Backend, build_backend
 from .budget import TIME_LIMIT, Budget, Exhausted, bounded, check_time, one_walk, out_of_time, step_limit
 from .discover import _Union, find_attention
-from .flow import flow_groups, flow_run
+from .flow import flow_groups, flow_run, width_with_heads
 from .graph import ChannelGraph, SkippedGroup, layer_graph
 from .group import CoupledGroup
 from ..log import log, phase, progress
@@ -406,27 +406,45 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
             _keep(graph, name, g, validate)
     if failed:
         _join_layers(graph, failed, example_inputs)
-    if validate and graph.skipped and any(bk.get(n).split_view or tp.ops.OPTYPE.SPLIT in (n.type, bk.get(n).backend_type)
-                                          for n in dg.module2node.values()):
+    splits = any(bk.get(n).split_view or tp.ops.OPTYPE.SPLIT in (n.type, bk.get(n).backend_type)
+                 for n in dg.module2node.values())
+    still = [att for att, why in failed if any(s is why for s in graph.skipped) and not att.reason and att.attempts]
+    if validate and graph.skipped and (splits or still):
         try:
-            failed = _split_flows(graph, example_inputs, ignored) or failed
+            failed = _flows(graph, example_inputs, ignored, splits, still) or failed
         except Exhausted:   # out of time: the refusals stand as they are
             pass
     if failed:
         _reorder(graph)
 
 
-def _split_flows(graph: ChannelGraph, example_inputs, ignored: Set[nn.Module]) -> bool:
-    """Groups of the layers whose channels meet in a channel split, found by following every
-    channel at once (:mod:`.flow`: ShuffleNet v2's split, branch, concat and shuffle), kept
-    where they pass the mask-then-prune check by value, cut nothing a kept group cuts, and
+def _flows(graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], splits: bool, attentions) -> bool:
+    """What following every channel at once (:mod:`.flow`) adds where roots were refused:
+    groups of the layers whose channels meet in a channel split (ShuffleNet v2's split, branch,
+    concat and shuffle), and attentions joined with the width their forward ties the heads to
+    (MaxViT). Kept where they pass the mask-then-prune check, cut nothing a kept group cuts and
     cover a refused root; they replace those refusals. True when one was kept."""
-    check_time("the channel flows through splits")
+    check_time("the channel flows")
     model = graph.model
     flows = flow_run(model, example_inputs, {m: n for n, m in model.named_modules()})
     taken = {(it.owner, it.attr, it.dim, i) for g in graph.groups for it in g.items for i in it.index.tolist()}
+
+    def free(group) -> bool:
+        return not any((it.owner, it.attr, it.dim, i) in taken for it in group.items for i in it.index.tolist())
     kept = False
-    for group, cut, why in flow_groups(graph, flows, ignored):
+    for tries, cut, atts in width_with_heads(graph, flows, ignored, attentions):
+        roots = {att.root for att in atts} | set(cut)
+        for group in tries:
+            check_time("the channel flows")
+            group.id = len(graph.groups)
+            # also one unit alone: a cut of most heads can leave one head whose table broadcasts
+            if free(group) and check_group(model, example_inputs, group) is None and \
+                    check_group(model, example_inputs, group, units=[0]) is None:
+                graph.groups.append(group)
+                graph.skipped[:] = [s for s in graph.skipped if s.root not in roots]
+                kept = True
+                break
+    for group, cut, why in (flow_groups(graph, flows, ignored) if splits else []):
         refused = {s.root for s in graph.skipped} & set(cut)
         if not refused:
             continue
@@ -434,10 +452,9 @@ def _split_flows(graph: ChannelGraph, example_inputs, ignored: Set[nn.Module]) -
             if why:
                 graph.skipped[:] = [SkippedGroup(s.root, why) if s.root in refused else s for s in graph.skipped]
             continue
-        if not group.exact or any((it.owner, it.attr, it.dim, i) in taken
-                                  for it in group.items for i in it.index.tolist()):
+        if not group.exact or not free(group):
             continue
-        check_time("the channel flows through splits")
+        check_time("the channel flows")
         group.id = len(graph.groups)
         if check_group(model, example_inputs, group) is None:
             graph.groups.append(group)

@@ -234,11 +234,12 @@ def check_units(group) -> List[int]:
 
 
 def check_group(model: nn.Module, example_inputs: Any, group, fraction: Optional[float] = None,
-                scopes: Optional[Scopes] = None) -> Optional[str]:
+                scopes: Optional[Scopes] = None, units: Optional[List[int]] = None) -> Optional[str]:
     """Mask a copy, prune another copy, compare outputs; ``None`` when they agree, else the reason
-    (``fraction``: of the units removed, default :func:`check_units`'s; ``scopes``: check on the
-    innermost module that can, see :func:`experiment`)."""
-    units = check_units(group) if fraction is None else sample_units(group.size, fraction, seed=group.id)
+    (``fraction``: of the units removed, default :func:`check_units`'s; ``units``: exactly these;
+    ``scopes``: check on the innermost module that can, see :func:`experiment`)."""
+    if units is None:
+        units = check_units(group) if fraction is None else sample_units(group.size, fraction, seed=group.id)
     inside: List[Tuple[str, str]] = []   # modules whose forward is running in the pruned copy
     try:
         why, _ = experiment(model, example_inputs, [(group, units)], group.exact, inside, scopes)

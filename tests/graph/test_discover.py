@@ -258,10 +258,26 @@ class ThreeOperands(Separate):
         return self.wo((att @ v).transpose(1, 2).reshape(B, T, -1))
 
 
+def test_an_attention_whose_forward_ties_its_heads_to_the_width_is_cut_with_that_width():
+    """A head can go only with as many channels of the hidden width: one group, unit ``k`` =
+    head ``k`` and width channels ``[8k, 8k + 8)``, checked by value (no normalisation here)."""
+    m = Block(HardCodedWidth())
+    g = eg.trace(m, X, ignored_layers=[m.head])
+    assert not g.skipped, g.table()
+    (joint,) = g.groups
+    assert joint.size == 4 and joint.exact and "attention" in joint.ops
+    assert {it.owner for it in joint.items} == {"inp", "attn.wq", "attn.wk", "attn.wv", "attn.wo", "head"}
+    assert [(c.attr, c.per_unit) for c in joint.counters] == [("n_h", 1)]
+    checks = assert_prune_equivalent(m, X, ignored_layers=[m.head])
+    assert [c.checked for c in checks] == ["values"] * 3
+    joint.prune([1])
+    assert (m.inp.out_features, m.attn.wq.out_features, m.attn.n_h, m.head.in_features) == (C - 8, C - 8, 3, C - 8)
+    assert m(X).shape == (B, T, 3)
+
+
 @pytest.mark.parametrize("attn, why", [
-    (HardCodedWidth, "attention heads: pruning units"),
     (ThreeOperands, "matrix product"),
-], ids=["hard-coded-width", "three-operand-einsum"])
+], ids=["three-operand-einsum"])
 def test_an_attention_the_trace_cannot_complete_is_refused_with_a_reason(attn, why):
     m = Block(attn())
     before = {k: v.clone() for k, v in m.state_dict().items()}

@@ -103,3 +103,73 @@ def test_units_follow_the_depth_of_the_chain(blocks, units):
     (stage,) = [grp for grp in g.groups if "Split" in grp.ops]
     assert stage.size == units
     assert_prune_equivalent(model, x, ignored_layers=[model.fc])
+
+
+class PartitionAttention(nn.Module):
+    """MaxViT's partition attention (torchvision's ``maxvit.py``, rebuilt): window partition of
+    ``(B, C, H, W)`` into channel-last windows (the grid swap optional), pre-norm, fused q/k/v,
+    ``einsum`` scores with a per-head relative-position table, the heads' output reshaped to the
+    input's width ``D = x.shape[-1]``, a residual, departition."""
+
+    def __init__(self, c: int, head_dim: int, p: int, grid: bool, window: int = 2):
+        super().__init__()
+        self.p, self.grid, self.n_heads, self.head_dim = p, grid, c // head_dim, head_dim
+        self.norm = nn.LayerNorm(c)
+        self.to_qkv, self.merge = nn.Linear(c, 3 * c), nn.Linear(c, c)
+        self.table = nn.Parameter(torch.randn((2 * window - 1) ** 2, self.n_heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = coords[:, :, None] - coords[:, None, :] + window - 1     # every offset of two positions
+        self.register_buffer("index", rel[0] * (2 * window - 1) + rel[1])
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        p = self.p
+        t = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, h * w // p // p, p * p, c)
+        if self.grid:
+            t = t.transpose(-2, -3)
+        B, G, P, D = t.shape
+        q, k, v = self.to_qkv(self.norm(t)).chunk(3, dim=-1)
+        q, k, v = (z.reshape(B, G, P, self.n_heads, self.head_dim).permute(0, 1, 3, 2, 4) for z in (q, k, v))
+        bias = self.table[self.index.view(-1)].view(P, P, -1).permute(2, 0, 1).unsqueeze(0)
+        a = (torch.einsum("bghid,bghjd->bghij", q, k) * D ** -0.5 + bias).softmax(-1)
+        o = torch.einsum("bghij,bghjd->bghid", a, v).permute(0, 1, 3, 2, 4).reshape(B, G, P, D)
+        o = t + self.merge(o)
+        if self.grid:
+            o = o.transpose(-2, -3)
+        return o.reshape(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+
+
+class MaxViTLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = _conv_bn(3, 16, 3, 2)
+        # 8×8 maps: windows of 2×2, and a 2×2 grid over 4×4 blocks (swapped to 4 positions)
+        self.blocks = nn.Sequential(*[nn.Sequential(_conv_bn(16, 16), PartitionAttention(16, 4, 2, False),
+                                                    PartitionAttention(16, 4, 4, True)) for _ in range(2)])
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_partition_attention_heads_go_with_the_width_their_forward_reshapes_to():
+    model, x = MaxViTLike().eval(), torch.randn(2, 3, 16, 16)
+    g = eg.trace(model, x, ignored_layers=[model.fc])
+    assert not g.skipped, g.table()
+    joint = [grp for grp in g.groups if "attention" in grp.ops]
+    assert [grp.root for grp in joint] == ["blocks.0.1.to_qkv", "blocks.1.1.to_qkv"]
+    for k, grp in enumerate(joint):
+        assert grp.size == 4 and not grp.exact     # four heads of 4 channels; LayerNorm: shape-checked
+        # with as many heads as head dims, a head_dim count also fits the reshapes: the check of
+        # one unit alone (the bias table no longer broadcasts) leaves the head count
+        assert sorted((c.attr, c.per_unit) for c in grp.counters) == [("n_heads", 1), ("n_heads", 1)]
+        tensors = {f"{it.owner}.{it.attr}" for it in grp.items}
+        assert {f"blocks.{k}.0.0.weight", f"blocks.{k}.1.table", f"blocks.{k}.2.table", f"blocks.{k}.2.merge.weight",
+                f"blocks.{k}.1.norm.weight"} <= tensors
+    assert_prune_equivalent(model, x, ignored_layers=[model.fc])
+    joint[0].prune([0, 3])
+    block = model.blocks[0]
+    assert (block[0][0].out_channels, block[1].n_heads, block[2].table.shape[1], block[2].to_qkv.out_features) == \
+        (8, 2, 2, 24)
+    assert model(x).shape == (2, 4)
