@@ -404,26 +404,30 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
             graph.skipped.append(SkippedGroup(name, problems[id(g)]))
         else:
             _keep(graph, name, g, validate)
+    reorder = bool(failed)
     if failed:
         _join_layers(graph, failed, example_inputs)
     splits = any(bk.get(n).split_view or tp.ops.OPTYPE.SPLIT in (n.type, bk.get(n).backend_type)
                  for n in dg.module2node.values())
     still = [att for att, why in failed if any(s is why for s in graph.skipped) and not att.reason and att.attempts]
     if validate and graph.skipped and (splits or still):
+        reorder = True
         try:
-            failed = _flows(graph, example_inputs, ignored, splits, still) or failed
+            _flows(graph, example_inputs, ignored, splits, still)
         except Exhausted:   # out of time: the refusals stand as they are
             pass
-    if failed:
+        except Exception as e:   # a forward the flow run cannot follow: the same
+            log.debug("channel flows skipped: %s: %s", type(e).__name__, e)
+    if reorder:
         _reorder(graph)
 
 
-def _flows(graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], splits: bool, attentions) -> bool:
+def _flows(graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], splits: bool, attentions) -> None:
     """What following every channel at once (:mod:`.flow`) adds where roots were refused:
     groups of the layers whose channels meet in a channel split (ShuffleNet v2's split, branch,
     concat and shuffle), and attentions joined with the width their forward ties the heads to
     (MaxViT). Kept where they pass the mask-then-prune check, cut nothing a kept group cuts and
-    cover a refused root; they replace those refusals. True when one was kept."""
+    cover a refused root; they replace those refusals."""
     check_time("the channel flows")
     model = graph.model
     flows = flow_run(model, example_inputs, {m: n for n, m in model.named_modules()})
@@ -431,7 +435,11 @@ def _flows(graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], splits:
 
     def free(group) -> bool:
         return not any((it.owner, it.attr, it.dim, i) in taken for it in group.items for i in it.index.tolist())
-    kept = False
+
+    def keep(group, roots) -> None:
+        graph.groups.append(group)
+        graph.skipped[:] = [s for s in graph.skipped if s.root not in roots]
+        taken.update((it.owner, it.attr, it.dim, i) for it in group.items for i in it.index.tolist())
     for tries, cut, atts in width_with_heads(graph, flows, ignored, attentions):
         roots = {att.root for att in atts} | set(cut)
         for group in tries:
@@ -440,9 +448,7 @@ def _flows(graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], splits:
             # also one unit alone: a cut of most heads can leave one head whose table broadcasts
             if free(group) and check_group(model, example_inputs, group) is None and \
                     check_group(model, example_inputs, group, units=[0]) is None:
-                graph.groups.append(group)
-                graph.skipped[:] = [s for s in graph.skipped if s.root not in roots]
-                kept = True
+                keep(group, roots)
                 break
     for group, cut, why in (flow_groups(graph, flows, ignored) if splits else []):
         refused = {s.root for s in graph.skipped} & set(cut)
@@ -457,10 +463,7 @@ def _flows(graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], splits:
         check_time("the channel flows")
         group.id = len(graph.groups)
         if check_group(model, example_inputs, group) is None:
-            graph.groups.append(group)
-            graph.skipped[:] = [s for s in graph.skipped if s.root not in cut]
-            kept = True
-    return kept
+            keep(group, set(cut))
 
 
 @dataclasses.dataclass

@@ -1,5 +1,8 @@
-"""Channel flows through splits and shuffles (etp_graph.graph.flow): ShuffleNet v2's stage width
-is one group whose units keep every chunk's halves equal and every shuffle aligned."""
+"""Channel flows (etp_graph.graph.flow): ShuffleNet v2's stage width is one group whose units keep
+every chunk's halves equal and every shuffle aligned; MaxViT's heads go with the width their
+forward reshapes to."""
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -173,3 +176,16 @@ def test_partition_attention_heads_go_with_the_width_their_forward_reshapes_to()
     assert (block[0][0].out_channels, block[1].n_heads, block[2].table.shape[1], block[2].to_qkv.out_features) == \
         (8, 2, 2, 24)
     assert model(x).shape == (2, 4)
+
+
+def test_a_forward_the_flows_cannot_follow_leaves_the_refusals(monkeypatch):
+    trace_mod = importlib.import_module("etp_graph.graph.trace")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no flows here")
+    monkeypatch.setattr(trace_mod, "flow_run", broken)
+    model = TinyShuffleNetV2().eval()
+    g = eg.trace(model, torch.randn(2, 3, 16, 16), ignored_layers=[model.fc])
+    assert "stage.0.branch1.1.0" in {s.root for s in g.skipped}
+    assert not [grp for grp in g.groups if "Split" in grp.ops]
+    assert [grp.id for grp in g.groups] == list(range(len(g.groups)))
