@@ -32,12 +32,19 @@ from ..handlers import get_handler
 from .discover import _Union
 from .group import CoupledGroup, SliceItem
 from .inputs import eval_mode, flat_tensors, forward
-from .shadow import PRODUCTS, STRUCTURAL, _Mode, _Run
+from .shadow import _Mode, _Run
 
 __all__ = ["Flows", "flow_run", "flow_groups", "flow_items", "width_with_heads", "balanced", "BALANCE_STATES"]
 
 _SPLITS = frozenset("chunk split tensor_split split_with_sizes".split())
 _VIEWS = frozenset("view reshape unflatten".split())
+#: ops that act on each channel alone (pools, means over space, resizing): their output keeps
+#: the channels where they were when the dims up to the channels' keep their sizes
+_PER_CHANNEL = frozenset("""
+adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d
+adaptive_max_pool3d avg_pool1d avg_pool2d avg_pool3d max_pool1d max_pool2d max_pool3d lp_pool1d lp_pool2d
+mean sum amax amin nanmean interpolate upsample pad dropout dropout1d dropout2d dropout3d
+""".split())
 
 #: Partial sums a balancing search may hold before it gives up (the group is then not offered).
 BALANCE_STATES = 50_000
@@ -91,7 +98,7 @@ class _FlowRun(_Run):
         if not isinstance(out, torch.Tensor) or self.get(out) is not None or not out.is_floating_point():
             return
         name = getattr(func, "__name__", "")
-        if name in STRUCTURAL or name in PRODUCTS or self.hidden:
+        if name not in _PER_CHANNEL or self.hidden:
             return
         shadowed = [(t, self.get(t)) for t in pytree.tree_leaves((args, kwargs)) if self.get(t) is not None]
         if len(shadowed) != 1:
