@@ -189,3 +189,21 @@ def test_a_forward_the_flows_cannot_follow_leaves_the_refusals(monkeypatch):
     assert "stage.0.branch1.1.0" in {s.root for s in g.skipped}
     assert not [grp for grp in g.groups if "Split" in grp.ops]
     assert [grp.id for grp in g.groups] == list(range(len(g.groups)))
+
+
+@pytest.mark.parametrize("make", [TinyShuffleNetV2, MaxViTLike], ids=["shufflenet-v2", "maxvit"])
+def test_etp_prunes_flow_groups_to_a_target_like_any_other(make):
+    model, x = make().eval(), torch.randn(2, 3, 16, 16)
+    pruner = eg.ETPPruner(model, x, ignored_layers=[model.fc], config=eg.ETPConfig(beta=1e-2), target_speedup=1.5)
+    flows = [g for g in pruner.graph.groups if {"Split", "attention"} & set(g.ops)]
+    assert flows
+    before = eg.count_macs(model, x)
+    for _ in range(2):
+        pruner.penalty().backward()
+    report = pruner.step()
+    assert report.macs_before == before and report.macs_before / report.macs_after >= 1.5
+    assert eg.count_macs(model, x) == report.macs_after
+    # the pruned model traces again, its flow groups found anew on the narrower widths
+    again = eg.trace(model, x, ignored_layers=[model.fc])
+    assert [g.root for g in again.groups if {"Split", "attention"} & set(g.ops)] == [g.root for g in flows]
+    assert model(x).shape == (2, 4)
