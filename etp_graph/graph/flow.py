@@ -30,11 +30,12 @@ from torch import nn
 
 from ..handlers import get_handler
 from .discover import _Union
-from .group import CoupledGroup, SliceItem
+from .group import CoupledGroup, Counter, SliceItem
 from .inputs import eval_mode, flat_tensors, forward
-from .shadow import _Mode, _Run
+from .shadow import _Mode, _Run, _reading_class
 
-__all__ = ["Flows", "flow_run", "flow_groups", "flow_items", "width_with_heads", "balanced", "BALANCE_STATES"]
+__all__ = ["Flows", "flow_run", "flow_groups", "flow_items", "width_with_heads", "with_counts", "balanced",
+           "BALANCE_STATES"]
 
 _SPLITS = frozenset("chunk split tensor_split split_with_sizes".split())
 _VIEWS = frozenset("view reshape unflatten".split())
@@ -61,6 +62,7 @@ class Flows:
     aligned: List[Tuple[torch.Tensor, int]]      # channel-splitting views: (ids, part width)
     ties: List[torch.Tensor]                     # [2, K] ids meeting element-wise
     blocked: Set[int]                            # ids that reach a product, a model output or a fixed-size split
+    attrs: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)   # module → int attributes its forward read
 
 
 def passes_channels(m: nn.Module) -> bool:
@@ -197,9 +199,17 @@ def flow_run(model: nn.Module, example_inputs: Any, names: Dict[nn.Module, str])
             fresh = torch.arange(first, first + n).view([-1 if k == d else 1 for k in range(out.dim())])
             run.put(out, fresh.expand(out.shape).clone())
 
+    attrs: Dict[str, Dict[str, int]] = {}
+    swapped = []
     for m in model.modules():
         hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         hooks.append(m.register_forward_hook(post, with_kwargs=True))
+        if get_handler(m) is None and not isinstance(m, torch.jit.ScriptModule):
+            try:
+                m.__class__ = _reading_class(type(m), attrs.setdefault(names.get(m, ""), {}))
+            except TypeError:   # a class that cannot be subclassed here: its reads are not seen
+                continue
+            swapped.append((m, m.__class__.__mro__[1]))
     try:
         with eval_mode(model), torch.no_grad(), _Mode(run):
             out = forward(model, example_inputs)
@@ -208,8 +218,11 @@ def flow_run(model: nn.Module, example_inputs: Any, names: Dict[nn.Module, str])
     finally:
         for hk in hooks:
             hk.remove()
+        for m, cls in swapped:
+            m.__class__ = cls
     blocked |= {i for p in run.products for i in p.ids} | run.fixed
-    return Flows(sources, passes, reads, run.parts, run.aligned, run.mixed, blocked)
+    return Flows(sources, passes, reads, run.parts, run.aligned, run.mixed, blocked,
+                 {k: v for k, v in attrs.items() if v})
 
 
 # ------------------------------------------------------------------------------ balance
@@ -425,3 +438,19 @@ def width_with_heads(graph, flows: Flows, ignored: Set[nn.Module], attentions: S
                                       {n: v for p in parts for n, v in p.heads.items()}))
         out.append((tries, cut, atts))
     return out
+
+
+def with_counts(graph, flows: Flows, group: CoupledGroup, host: str) -> List[CoupledGroup]:
+    """``group`` (refused: its cut broke the forward in module ``host``) with one int attribute
+    that ``host`` or a module around it reads and that counts the group's units (torchvision's
+    ViT reshapes its patches with ``self.hidden_dim``): the copies to try, each updating one such
+    attribute by its share per unit, one unit per count first."""
+    hosts = [host] + [host.rsplit(".", k)[0] for k in range(1, host.count(".") + 1)] + ([""] if host else [])
+    found = []
+    for h in hosts:
+        for attr, value in sorted(flows.attrs.get(h, {}).items()):
+            if value and value % group.size == 0:
+                found.append((value // group.size, h, attr))
+    return [CoupledGroup(graph, group.id, group.root, group.size, group.items, group.exact, group.ops,
+                         tuple(group.counters) + (Counter(h, attr, per),), group.heads)
+            for per, h, attr in sorted(found, key=lambda f: (f[0], -len(f[1]), f[2]))]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -29,7 +30,7 @@ from .assemble import Refused, Tied, internal_groups, make_group, merge_tied, sh
 from .backend import Backend, build_backend
 from .budget import TIME_LIMIT, Budget, Exhausted, bounded, check_time, one_walk, out_of_time, step_limit
 from .discover import _Union, find_attention
-from .flow import flow_groups, flow_run, width_with_heads
+from .flow import flow_groups, flow_run, width_with_heads, with_counts
 from .graph import ChannelGraph, SkippedGroup, layer_graph
 from .group import CoupledGroup
 from ..log import log, phase, progress
@@ -387,6 +388,7 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
         g.id = len(pending) + k
     settled = len(firsts) > 1 and all(g.exact for g in firsts) and _all_hold(model, example_inputs, firsts)
     failed: List[Tuple[Any, SkippedGroup]] = []
+    broke: List[Tuple[CoupledGroup, str]] = []     # refused because their cut broke the forward
     for name, g in entries:
         if g is None:
             continue
@@ -402,6 +404,8 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
                     failed.append((g, why))
         elif id(g) in problems:
             graph.skipped.append(SkippedGroup(name, problems[id(g)]))
+            if "breaks the forward" in problems[id(g)]:
+                broke.append((g, problems[id(g)]))
         else:
             _keep(graph, name, g, validate)
     reorder = bool(failed)
@@ -410,10 +414,10 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
     splits = any(bk.get(n).split_view or tp.ops.OPTYPE.SPLIT in (n.type, bk.get(n).backend_type)
                  for n in dg.module2node.values())
     still = [att for att, why in failed if any(s is why for s in graph.skipped) and not att.reason and att.attempts]
-    if validate and graph.skipped and (splits or still):
+    if validate and graph.skipped and (splits or still or broke):
         reorder = True
         try:
-            _flows(graph, example_inputs, ignored, splits, still)
+            _flows(graph, example_inputs, ignored, splits, still, broke)
         except Exhausted:   # out of time: the refusals stand as they are
             pass
         except Exception as e:   # a forward the flow run cannot follow: the same
@@ -422,12 +426,15 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
         _reorder(graph)
 
 
-def _flows(graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], splits: bool, attentions) -> None:
+def _flows(graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], splits: bool, attentions,
+           broke: Sequence[Tuple[CoupledGroup, str]] = ()) -> None:
     """What following every channel at once (:mod:`.flow`) adds where roots were refused:
-    groups of the layers whose channels meet in a channel split (ShuffleNet v2's split, branch,
-    concat and shuffle), and attentions joined with the width their forward ties the heads to
-    (MaxViT). Kept where they pass the mask-then-prune check, cut nothing a kept group cuts and
-    cover a refused root; they replace those refusals."""
+    attentions joined with the width their forward ties the heads to (MaxViT), groups of the
+    layers whose channels meet in a channel split (ShuffleNet v2's split, branch, concat and
+    shuffle), and groups whose cut broke a forward that reads their size from an int attribute,
+    with that attribute updated (torchvision's ViT). Kept where they pass the mask-then-prune
+    check (and, where a count is updated, again with one unit alone), cut nothing a kept group
+    cuts and cover a refused root; they replace those refusals."""
     check_time("the channel flows")
     model = graph.model
     flows = flow_run(model, example_inputs, {m: n for n, m in model.named_modules()})
@@ -464,6 +471,17 @@ def _flows(graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], splits:
         group.id = len(graph.groups)
         if check_group(model, example_inputs, group) is None:
             keep(group, set(cut))
+    for group, why in broke:
+        if group.root not in {s.root for s in graph.skipped}:
+            continue    # a group above took its place
+        host = re.search(r"breaks the forward in '([^']*)'", why)
+        for counted in with_counts(graph, flows, group, host.group(1) if host else ""):
+            check_time("the channel flows")
+            counted.id = len(graph.groups)
+            if free(counted) and check_group(model, example_inputs, counted) is None and \
+                    check_group(model, example_inputs, counted, units=[0]) is None:
+                keep(counted, {group.root})
+                break
 
 
 @dataclasses.dataclass

@@ -207,3 +207,35 @@ def test_etp_prunes_flow_groups_to_a_target_like_any_other(make):
     again = eg.trace(model, x, ignored_layers=[model.fc])
     assert [g.root for g in again.groups if {"Split", "attention"} & set(g.ops)] == [g.root for g in flows]
     assert model(x).shape == (2, 4)
+
+
+class Patches(nn.Module):
+    """torchvision's ViT input step: patches by a strided conv, reshaped with the width read from
+    ``self.hidden_dim`` (and the token count from ``self.a_tokens``, which sorts first and also
+    equals the width here), a learned position table, an MLP, a head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden_dim, self.a_tokens = 16, 16
+        self.conv_proj = nn.Conv2d(3, 16, 4, 4)
+        self.pos = nn.Parameter(torch.randn(1, 16, 16))
+        self.fc1, self.head = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        n = x.shape[0]
+        x = self.conv_proj(x).reshape(n, self.hidden_dim, self.a_tokens).permute(0, 2, 1) + self.pos
+        return self.head(torch.relu(self.fc1(x))).mean(1)
+
+
+def test_a_width_the_forward_reads_from_an_attribute_is_cut_with_that_attribute_updated():
+    model, x = Patches().eval(), torch.randn(2, 3, 16, 16)
+    g = eg.trace(model, x, ignored_layers=[model.head])
+    assert not g.skipped, g.table()
+    (width,) = [grp for grp in g.groups if grp.root == "conv_proj"]
+    assert width.exact and [(c.owner, c.attr, c.per_unit) for c in width.counters] == [("", "hidden_dim", 1)]
+    checks = assert_prune_equivalent(model, x, ignored_layers=[model.head])
+    assert [c.checked for c in checks if c.root == "conv_proj"] == ["values"] * 3
+    width.prune([0, 5, 9])
+    assert (model.hidden_dim, model.a_tokens, model.conv_proj.out_channels, model.pos.shape[-1]) == (13, 16, 13, 13)
+    assert model(x).shape == (2, 4)
