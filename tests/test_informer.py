@@ -19,7 +19,8 @@ def test_probsparse_attention_is_deterministic_under_its_seed():
 def test_informer_heads_and_ffn_prune_exactly_with_bookkeeping():
     m = eg.zoo.create("informer_etth1").eval()
     x = informer_inputs()
-    pruner = eg.ETPPruner(m, x, ignored_layers=[m.projection], pruning_ratio=0.5)
+    # the encoder's width (shape-checked: LayerNorm) is left out so that masking equals pruning
+    pruner = eg.ETPPruner(m, x, ignored_layers=[m.projection], pruning_ratio=0.5, group_filter=lambda g: g.exact)
     roots = {g.root: g.size for g in pruner.graph.groups}
     assert roots == {"encoder.0.attention": 4, "encoder.0.conv1": 128, "encoder.1.attention": 4,
                      "encoder.1.conv1": 128, "decoder.0.cross_attention": 4, "decoder.0.conv1": 128}
@@ -33,6 +34,19 @@ def test_informer_heads_and_ffn_prune_exactly_with_bookkeeping():
     assert m.encoder[0].attention.n_heads == 2 and m.encoder[0].conv1.out_channels == 64
     assert m.encoder[0].attention.inner_attention.scale == pytest.approx(16 ** -0.5)   # pinned: 1/sqrt(d_head)
     assert report.macs_after < report.macs_before
+
+
+def test_informer_encoder_width_is_cut_with_its_fixed_position_table():
+    m = eg.zoo.create("informer_etth1").eval()
+    x = informer_inputs()
+    g = eg.trace(m, x, ignored_layers=[m.projection])
+    (width,) = [grp for grp in g.groups if grp.root == "enc_embedding.token"]
+    assert width.size == 64 and not width.exact
+    (pe,) = [it for it in width.items if it.attr == "pe"]
+    assert (pe.owner, pe.dim, pe.index.tolist()) == ("enc_embedding", 1, list(range(64)))
+    width.prune([0, 63])
+    assert m.enc_embedding.pe.shape == (5000, 62) and m.enc_embedding.token.out_channels == 62
+    assert m(*x).shape == eg.zoo.create("informer_etth1").eval()(*x).shape
 
 
 @pytest.mark.parametrize("split,n", [("train", 8521), ("val", 2857), ("test", 2857)])

@@ -22,6 +22,7 @@ nothing else already cuts its tensors; it replaces the refusals of the layers it
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -34,8 +35,8 @@ from .group import CoupledGroup, Counter, SliceItem
 from .inputs import eval_mode, flat_tensors, forward
 from .shadow import _Mode, _Run, _reading_class
 
-__all__ = ["Flows", "flow_run", "flow_groups", "flow_items", "width_with_heads", "with_counts", "balanced",
-           "BALANCE_STATES"]
+__all__ = ["Flows", "flow_run", "flow_groups", "flow_items", "width_with_heads", "with_counts", "with_tables",
+           "balanced", "BALANCE_STATES"]
 
 _SPLITS = frozenset("chunk split tensor_split split_with_sizes".split())
 _VIEWS = frozenset("view reshape unflatten".split())
@@ -49,6 +50,10 @@ mean sum amax amin nanmean interpolate upsample pad dropout dropout1d dropout2d 
 
 #: Partial sums a balancing search may hold before it gives up (the group is then not offered).
 BALANCE_STATES = 50_000
+#: Element ids of fixed tables start here (below the shadow run's pair key), after every channel's
+TABLE_BASE = 1 << 29
+#: Tables larger than this carry no ids (a position table of 5,000 × 512 is 2.6 M)
+TABLE_LIMIT = 1 << 23
 
 
 @dataclasses.dataclass
@@ -63,6 +68,8 @@ class Flows:
     ties: List[torch.Tensor]                     # [2, K] ids meeting element-wise
     blocked: Set[int]                            # ids that reach a product, a model output or a fixed-size split
     attrs: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)   # module → int attributes its forward read
+    #: fixed tables (buffers of modules without a handler) → (first element id, shape); every element has an id
+    tables: Dict[str, Tuple[int, Tuple[int, ...]]] = dataclasses.field(default_factory=dict)
 
 
 def passes_channels(m: nn.Module) -> bool:
@@ -94,6 +101,11 @@ class _FlowRun(_Run):
         self.parts: List[List[torch.Tensor]] = []
         self.aligned: List[Tuple[torch.Tensor, int]] = []
         self.fixed: Set[int] = set()
+
+    def _merge(self, leaves, shadows, out) -> None:
+        # a channel's id wins over a table element's where both meet (x + pe): the sum is the channel
+        order = sorted(range(len(shadows)), key=lambda k: shadows[k] is None or bool((shadows[k] >= TABLE_BASE).any()))
+        super()._merge([leaves[k] for k in order], [shadows[k] for k in order], out)
 
     def step(self, func, args, kwargs, out) -> None:
         super().step(func, args, kwargs, out)
@@ -200,7 +212,17 @@ def flow_run(model: nn.Module, example_inputs: Any, names: Dict[nn.Module, str])
             run.put(out, fresh.expand(out.shape).clone())
 
     attrs: Dict[str, Dict[str, int]] = {}
-    swapped = []
+    tables: Dict[str, Tuple[int, Tuple[int, ...]]] = {}
+    swapped, next_table = [], TABLE_BASE
+    for m in model.modules():
+        if get_handler(m) is None:
+            for attr, t in m.named_buffers(recurse=False):
+                if t is not None and t.is_floating_point() and 0 < t.numel() <= TABLE_LIMIT and \
+                        next_table + t.numel() < (1 << 31) and run.get(t) is None:
+                    key = f"{names.get(m, '')}.{attr}" if names.get(m, "") else attr
+                    tables[key] = (next_table, tuple(t.shape))
+                    run.put(t, torch.arange(next_table, next_table + t.numel()).view(t.shape))
+                    next_table += t.numel()
     for m in model.modules():
         hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         hooks.append(m.register_forward_hook(post, with_kwargs=True))
@@ -222,7 +244,7 @@ def flow_run(model: nn.Module, example_inputs: Any, names: Dict[nn.Module, str])
             m.__class__ = cls
     blocked |= {i for p in run.products for i in p.ids} | run.fixed
     return Flows(sources, passes, reads, run.parts, run.aligned, run.mixed, blocked,
-                 {k: v for k, v in attrs.items() if v})
+                 {k: v for k, v in attrs.items() if v}, tables)
 
 
 # ------------------------------------------------------------------------------ balance
@@ -454,3 +476,41 @@ def with_counts(graph, flows: Flows, group: CoupledGroup, host: str) -> List[Cou
     return [CoupledGroup(graph, group.id, group.root, group.size, group.items, group.exact, group.ops,
                          tuple(group.counters) + (Counter(h, attr, per),), group.heads)
             for per, h, attr in sorted(found, key=lambda f: (f[0], -len(f[1]), f[2]))]
+
+
+def with_tables(graph, flows: Flows, group: CoupledGroup) -> Optional[CoupledGroup]:
+    """``group`` with the fixed tables its channels meet element-wise (a sinusoidal position
+    table added to a time series' embedding, a buffer no handler owns), each cut along the
+    dimension that holds one entry per channel; ``None`` when it meets none so."""
+    if group.root not in flows.sources:
+        return None
+    uf, _ = _classes(flows)
+    first, _ = flows.sources[group.root]
+    unit_of: Dict[int, int] = {}
+    for it in group.items:
+        if it.module == group.root and it.role == "out":
+            for c, u in zip(it.channel.tolist(), it.unit.tolist()):
+                unit_of[uf.find(first + c)] = u
+    met = {int(i) for pair in flows.ties for i in pair.flatten().tolist() if i >= TABLE_BASE}
+    items = []
+    for key, (base, shape) in flows.tables.items():
+        found = [(e - base, unit_of[uf.find(e)]) for e in sorted(met) if base <= e < base + math.prod(shape)
+                 and uf.find(e) in unit_of]
+        if not found:
+            continue
+        for d in range(len(shape)):
+            stride = math.prod(shape[d + 1:])
+            coord_unit: Dict[int, int] = {}
+            if all(coord_unit.setdefault((e // stride) % shape[d], u) == u for e, u in found) and \
+                    len(set(coord_unit.values())) == len(coord_unit):
+                owner, _, attr = key.rpartition(".")
+                index = torch.tensor(sorted(coord_unit), dtype=torch.long)
+                unit = torch.tensor([coord_unit[i] for i in index.tolist()], dtype=torch.long)
+                items.append(SliceItem(owner, attr, d, unit, index, None, "out", index.clone()))
+                break
+        else:
+            return None    # met, but not one entry per channel along any dimension
+    if not items:
+        return None
+    return CoupledGroup(graph, group.id, group.root, group.size, list(group.items) + items, group.exact, group.ops,
+                        group.counters, group.heads)

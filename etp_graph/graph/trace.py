@@ -30,7 +30,7 @@ from .assemble import Refused, Tied, internal_groups, make_group, merge_tied, sh
 from .backend import Backend, build_backend
 from .budget import TIME_LIMIT, Budget, Exhausted, bounded, check_time, one_walk, out_of_time, step_limit
 from .discover import _Union, find_attention
-from .flow import flow_groups, flow_run, width_with_heads, with_counts
+from .flow import flow_groups, flow_run, width_with_heads, with_counts, with_tables
 from .graph import ChannelGraph, SkippedGroup, layer_graph
 from .group import CoupledGroup
 from ..log import log, phase, progress
@@ -475,7 +475,9 @@ def _flows(graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], splits:
         if group.root not in {s.root for s in graph.skipped}:
             continue    # a group above took its place
         host = re.search(r"breaks the forward in '([^']*)'", why)
-        for counted in with_counts(graph, flows, group, host.group(1) if host else ""):
+        tabled = with_tables(graph, flows, group)
+        for counted in ([tabled] if tabled else []) + with_counts(graph, flows, tabled or group,
+                                                                   host.group(1) if host else ""):
             check_time("the channel flows")
             counted.id = len(graph.groups)
             if free(counted) and check_group(model, example_inputs, counted) is None and \

@@ -239,3 +239,36 @@ def test_a_width_the_forward_reads_from_an_attribute_is_cut_with_that_attribute_
     width.prune([0, 5, 9])
     assert (model.hidden_dim, model.a_tokens, model.conv_proj.out_channels, model.pos.shape[-1]) == (13, 16, 13, 13)
     assert model(x).shape == (2, 4)
+
+
+class PositionTable(nn.Module):
+    """A time series embedding: a Conv1d over time plus a fixed sinusoidal table (a buffer of
+    ``max_len × width``, sliced to the sequence), an MLP, a head (Informer's DataEmbedding)."""
+
+    def __init__(self, width: int = 16, max_len: int = 50):
+        super().__init__()
+        torch.manual_seed(0)
+        self.token = nn.Conv1d(3, width, 3, padding=1)
+        pos = torch.arange(max_len).unsqueeze(1).float()
+        div = torch.exp(torch.arange(0, width, 2).float() * -(9.21 / width))
+        pe = torch.zeros(max_len, width)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
+        self.register_buffer("pe", pe, persistent=False)
+        self.fc1, self.head = nn.Linear(width, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        v = self.token(x.transpose(1, 2)).transpose(1, 2) + self.pe[: x.shape[1]]
+        return self.head(torch.relu(self.fc1(v)))
+
+
+def test_a_fixed_table_added_to_a_width_is_cut_with_it():
+    model, x = PositionTable().eval(), torch.randn(2, 10, 3)
+    g = eg.trace(model, x, ignored_layers=[model.head])
+    assert not g.skipped, g.table()
+    (width,) = [grp for grp in g.groups if grp.root == "token"]
+    (pe,) = [it for it in width.items if it.attr == "pe"]
+    assert width.exact and (pe.owner, pe.dim, pe.index.tolist()) == ("", 1, list(range(16)))
+    checks = assert_prune_equivalent(model, x, ignored_layers=[model.head])
+    assert [c.checked for c in checks if c.root == "token"] == ["values"] * 3
+    width.prune([2, 7])
+    assert model.pe.shape == (50, 14) and model(x).shape == (2, 10, 4)

@@ -43,13 +43,24 @@ class FixedWidth(nn.Module):
         return x + self.offset
 
 
+class HardCoded(nn.Module):
+    """Scales by a tensor made in the forward with a literal width: nothing can cut it."""
+
+    def forward(self, x):
+        return x * torch.arange(1.0, 5.0).view(1, 4, 1, 1)
+
+
 def test_a_cut_that_breaks_the_forward_is_a_reason_naming_the_module():
     m = nn.Sequential(nn.Conv2d(3, 4, 1), FixedWidth(), nn.Conv2d(4, 2, 1))
     g = eg.trace(m, torch.randn(1, 3, 4, 4), ignored_layers=[m[2]], validate=False).groups[0]
     why = check_group(m, torch.randn(1, 3, 4, 4), g)
     assert "breaks the forward in '1' (FixedWidth)" in why and "fixed-size tensor" in why
+    # the trace then cuts the fixed tensor with the width (graph/flow.py: tables)
+    (kept,) = eg.trace(m, torch.randn(1, 3, 4, 4), ignored_layers=[m[2]]).groups
+    assert [(it.owner, it.attr, it.dim) for it in kept.items if it.attr == "offset"] == [("1", "offset", 1)]
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), HardCoded(), nn.Conv2d(4, 2, 1))
     graph = eg.trace(m, torch.randn(1, 3, 4, 4), ignored_layers=[m[2]])
-    assert graph.groups == [] and "breaks the forward in '1'" in graph.skipped[0].reason
+    assert graph.groups == [] and "breaks the forward in '1' (HardCoded)" in graph.skipped[0].reason
 
 
 class _Sensitive(nn.Module):
