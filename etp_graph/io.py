@@ -39,7 +39,11 @@ def save_pruned(model: nn.Module, path: Union[str, os.PathLike]) -> None:
             "buffers": {k: list(b.shape) for k, b in m._buffers.items() if b is not None},
             "attrs": {k: v for k, v in vars(m).items() if not k.startswith("_") and _plain(v)},
         }
-    torch.save({"format": FORMAT, "state_dict": model.state_dict(), "structure": structure}, path)
+    # buffers outside the state dict (``persistent=False``: a position table) a cut may have narrowed
+    loose = {f"{name}.{k}" if name else k: b for name, m in model.named_modules() for k, b in m._buffers.items()
+             if b is not None and k in m._non_persistent_buffers_set}
+    torch.save({"format": FORMAT, "state_dict": model.state_dict(), "structure": structure,
+                "non_persistent": loose}, path)
 
 
 def load_pruned(factory_or_model: Union[nn.Module, Callable[[], nn.Module]],
@@ -103,4 +107,7 @@ def load_pruned(factory_or_model: Union[nn.Module, Callable[[], nn.Module]],
                 from .handlers.attention import apply_surgery
                 apply_surgery(m)
         model.load_state_dict(ckpt["state_dict"], strict=True)
+        for key, value in ckpt.get("non_persistent", {}).items():
+            owner, _, k = key.rpartition(".")
+            mods[owner]._buffers[k] = value
     return model

@@ -20,7 +20,7 @@ def _out(model, x):
         return eg.graph.inputs.forward(model, x)
 
 
-@pytest.mark.parametrize("name", ["tiny_cnn", "tiny_lstm", "tiny_bert", "gat_cora"])
+@pytest.mark.parametrize("name", ["tiny_cnn", "tiny_lstm", "tiny_bert", "gat_cora", "informer_etth1"])
 def test_round_trip_into_a_fresh_instance(tmp_path, name):
     e, model, x = _pruned(name)
     eg.save_pruned(model, tmp_path / "m.pt")
@@ -46,3 +46,13 @@ def test_wrong_files_are_refused_and_leave_the_model_unchanged(tmp_path):
     with pytest.raises(ValueError, match="the model lacks"):
         eg.load_pruned(target, tmp_path / "m.pt")
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+def test_a_narrowed_buffer_outside_the_state_dict_comes_back_with_its_values(tmp_path):
+    """Informer's position table is ``persistent=False``: the state dict does not hold it, and a
+    cut of the width narrows it; the file keeps the kept columns, not a fresh table's first ones."""
+    e, model, x = _pruned("informer_etth1")
+    assert model.enc_embedding.pe.shape[1] < e.build().enc_embedding.pe.shape[1]
+    eg.save_pruned(model, tmp_path / "m.pt")
+    fresh = eg.load_pruned(e.build, tmp_path / "m.pt").eval()
+    torch.testing.assert_close(fresh.enc_embedding.pe, model.enc_embedding.pe)
