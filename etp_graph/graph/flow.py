@@ -16,6 +16,14 @@ of layers whose channels meet in a channel split:
 * a ``chunk``/``split`` of the channels into equal parts asks only that every part lose as many
   channels (:func:`balanced`): the parts go different ways.
 
+The same run serves three repairs of groups the backend's path refused (:func:`width_with_heads`,
+:func:`with_counts`, :func:`with_tables`): an attention whose forward reshapes the heads' output
+to its input's width goes with that width (MaxViT); a width the forward reads from an int
+attribute is cut with the attribute updated (the run notes the int attributes each module's
+forward reads; torchvision's ViT); a fixed table added to a width element-wise is cut with it
+(every element of a handler-less module's floating buffer carries an id; Informer's position
+table).
+
 A group found here is kept only where it passes the mask-then-prune check, and only where
 nothing else already cuts its tensors; it replaces the refusals of the layers it covers.
 """
