@@ -62,6 +62,8 @@ BALANCE_STATES = 50_000
 TABLE_BASE = 1 << 29
 #: Tables larger than this carry no ids (a position table of 5,000 × 512 is 2.6 M)
 TABLE_LIMIT = 1 << 23
+#: Attributes :func:`with_counts` offers per refused group (each costs two checks)
+MAX_COUNTS = 8
 
 
 @dataclasses.dataclass
@@ -483,7 +485,7 @@ def with_counts(graph, flows: Flows, group: CoupledGroup, host: str) -> List[Cou
                 found.append((value // group.size, h, attr))
     return [CoupledGroup(graph, group.id, group.root, group.size, group.items, group.exact, group.ops,
                          tuple(group.counters) + (Counter(h, attr, per),), group.heads)
-            for per, h, attr in sorted(found, key=lambda f: (f[0], -len(f[1]), f[2]))]
+            for per, h, attr in sorted(found, key=lambda f: (f[0], -len(f[1]), f[2]))[:MAX_COUNTS]]
 
 
 def with_tables(graph, flows: Flows, group: CoupledGroup) -> Optional[CoupledGroup]:

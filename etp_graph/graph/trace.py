@@ -431,8 +431,9 @@ def _flows(graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], splits:
     """What following every channel at once (:mod:`.flow`) adds where roots were refused:
     attentions joined with the width their forward ties the heads to (MaxViT), groups of the
     layers whose channels meet in a channel split (ShuffleNet v2's split, branch, concat and
-    shuffle), and groups whose cut broke a forward that reads their size from an int attribute,
-    with that attribute updated (torchvision's ViT). Kept where they pass the mask-then-prune
+    shuffle), and groups whose cut broke the forward, with the fixed tables their channels meet
+    (Informer's position table) and/or an int attribute the forward reads their size from updated
+    (torchvision's ViT). Kept where they pass the mask-then-prune
     check (and, where a count is updated, again with one unit alone), cut nothing a kept group
     cuts and cover a refused root; they replace those refusals."""
     check_time("the channel flows")
