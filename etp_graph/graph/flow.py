@@ -41,7 +41,7 @@ from ..handlers import get_handler
 from .discover import _Union
 from .group import CoupledGroup, Counter, SliceItem
 from .inputs import eval_mode, flat_tensors, forward
-from .shadow import _Mode, _Run, _reading_class
+from .shadow import _Mode, _Run, note_int_reads
 
 __all__ = ["Flows", "flow_run", "flow_groups", "flow_items", "width_with_heads", "with_counts", "with_tables",
            "balanced", "BALANCE_STATES"]
@@ -236,12 +236,8 @@ def flow_run(model: nn.Module, example_inputs: Any, names: Dict[nn.Module, str])
     for m in model.modules():
         hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         hooks.append(m.register_forward_hook(post, with_kwargs=True))
-        if get_handler(m) is None and not isinstance(m, torch.jit.ScriptModule):
-            try:
-                m.__class__ = _reading_class(type(m), attrs.setdefault(names.get(m, ""), {}))
-            except TypeError:   # a class that cannot be subclassed here: its reads are not seen
-                continue
-            swapped.append((m, m.__class__.__mro__[1]))
+        if get_handler(m) is None:
+            swapped += note_int_reads(m, attrs.setdefault(names.get(m, ""), {}))
     try:
         with eval_mode(model), torch.no_grad(), _Mode(run):
             out = forward(model, example_inputs)

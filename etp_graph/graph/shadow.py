@@ -420,12 +420,8 @@ def shadow_run(model: nn.Module, example_inputs: Any, names: Dict[nn.Module, str
                 sources.append(Source(f"{name}.{attr}" if name else attr, None, base, t.numel(), 0, tuple(t.shape)))
                 run.put(t, torch.arange(base, base + t.numel()).view(t.shape))
                 base += t.numel()
-        if h is None and not isinstance(m, torch.jit.ScriptModule):
-            try:
-                m.__class__ = _reading_class(type(m), reads.setdefault(name, {}))
-            except TypeError:   # a class that cannot be subclassed here: its reads are not seen
-                continue
-            swapped.append((m, m.__class__.__mro__[1]))
+        if h is None:
+            swapped += note_int_reads(m, reads.setdefault(name, {}))
     try:
         with eval_mode(model), torch.no_grad(), _Mode(run):
             forward(model, example_inputs)
@@ -435,6 +431,19 @@ def shadow_run(model: nn.Module, example_inputs: Any, names: Dict[nn.Module, str
         for m, cls in swapped:
             m.__class__ = cls
     return Shadows(sources, run.products, run.mixed, inputs, {k: v for k, v in reads.items() if v})
+
+
+def note_int_reads(m: nn.Module, seen: Dict[str, int]) -> List[Tuple[nn.Module, type]]:
+    """Make ``m`` note into ``seen`` the int attributes its forward reads; ``[(m, its class)]`` to
+    restore afterwards (``[]`` where the class cannot be subclassed here, or is scripted)."""
+    if isinstance(m, torch.jit.ScriptModule):
+        return []
+    cls = type(m)
+    try:
+        m.__class__ = _reading_class(cls, seen)
+    except TypeError:   # a class that cannot be subclassed here: its reads are not seen
+        return []
+    return [(m, cls)]
 
 
 def _reading_class(cls: type, seen: Dict[str, int]) -> type:

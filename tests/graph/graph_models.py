@@ -30,3 +30,18 @@ def assert_unchanged(m, snap, x=X6):
     assert now.keys() == state.keys()
     assert all(torch.equal(now[k], state[k]) for k in state)
     assert torch.equal(m(x), out)
+
+
+def partition(x, p: int, grid: bool):
+    """MaxViT's window partition of ``(B, C, H, W)`` into ``(B, windows, p·p, C)`` (torchvision's
+    ``maxvit.py``), with the grid's swap of the two middle dims."""
+    b, c, h, w = x.shape
+    t = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, h * w // p // p, p * p, c)
+    return t.transpose(-2, -3) if grid else t
+
+
+def departition(t, shape, p: int, grid: bool):
+    """The inverse of :func:`partition` back to ``shape``."""
+    b, c, h, w = shape
+    t = t.transpose(-2, -3) if grid else t
+    return t.reshape(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)

@@ -11,7 +11,7 @@ import etp_graph as eg
 from etp_graph.graph import budget
 from etp_graph.testing import assert_prune_equivalent
 
-from graph_models import X8, chain
+from graph_models import X8, chain, departition, partition
 
 trace_mod = importlib.import_module("etp_graph.graph.trace")   # the package exports the function
 
@@ -33,19 +33,14 @@ class Partition(nn.Module):
 
     def forward(self, x):
         b, c, h, w = x.shape
-        p = self.p
-        t = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, h * w // p // p, p * p, c)
-        if self.grid:
-            t = t.transpose(-2, -3)
+        t = partition(x, self.p, self.grid)
         g, n = t.shape[1], t.shape[2]
         q, k, v = self.qkv(self.norm(t)).chunk(3, dim=-1)
         q, k, v = (z.reshape(b, g, n, self.heads, c // self.heads).permute(0, 1, 3, 2, 4) for z in (q, k, v))
         einsum = torch.ops.aten.einsum.default
         a = einsum("bghid,bghjd->bghij", [q, k]).softmax(-1)
         o = t + self.merge(einsum("bghij,bghjd->bghid", [a, v]).permute(0, 1, 3, 2, 4).reshape(b, g, n, c))
-        if self.grid:
-            o = o.transpose(-2, -3)
-        return o.reshape(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        return departition(o, x.shape, self.p, self.grid)
 
 
 class Partitioned(nn.Module):

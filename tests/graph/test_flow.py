@@ -11,6 +11,7 @@ import etp_graph as eg
 from etp_graph.graph import flow
 from etp_graph.testing import assert_prune_equivalent
 from etp_graph.zoo.tiny import TinyShuffleNetV2, _SplitShuffleBlock, _conv_bn
+from graph_models import departition, partition
 
 
 def test_balanced_joins_classes_that_cancel_and_leaves_out_what_nothing_cancels():
@@ -125,21 +126,14 @@ class PartitionAttention(nn.Module):
         self.register_buffer("index", rel[0] * (2 * window - 1) + rel[1])
 
     def forward(self, x):
-        b, c, h, w = x.shape
-        p = self.p
-        t = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, h * w // p // p, p * p, c)
-        if self.grid:
-            t = t.transpose(-2, -3)
+        t = partition(x, self.p, self.grid)
         B, G, P, D = t.shape
         q, k, v = self.to_qkv(self.norm(t)).chunk(3, dim=-1)
         q, k, v = (z.reshape(B, G, P, self.n_heads, self.head_dim).permute(0, 1, 3, 2, 4) for z in (q, k, v))
         bias = self.table[self.index.view(-1)].view(P, P, -1).permute(2, 0, 1).unsqueeze(0)
         a = (torch.einsum("bghid,bghjd->bghij", q, k) * D ** -0.5 + bias).softmax(-1)
         o = torch.einsum("bghij,bghjd->bghid", a, v).permute(0, 1, 3, 2, 4).reshape(B, G, P, D)
-        o = t + self.merge(o)
-        if self.grid:
-            o = o.transpose(-2, -3)
-        return o.reshape(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        return departition(t + self.merge(o), x.shape, self.p, self.grid)
 
 
 class MaxViTLike(nn.Module):
