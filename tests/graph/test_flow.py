@@ -77,13 +77,20 @@ def test_a_stage_too_deep_for_its_width_is_refused_with_the_reason():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_flows_leave_a_glu_and_a_kept_group_alone():
-    """A model whose splits are already handled gets nothing new from the flows."""
+def test_flows_leave_a_glu_and_a_kept_group_alone(monkeypatch):
+    """A model whose splits the backend's path already handles (GLU halves) gets nothing from the
+    flows: the same groups and refusals as with the flows switched off; the split with fixed
+    sizes stays refused with its own reason."""
     e = eg.zoo.entry("tiny_glu")
-    model = e.build()
-    g = eg.trace(model, e.example_inputs(), ignored_layers=e.heads(model))
-    assert not [grp for grp in g.groups if "Split" in grp.ops and grp.root.startswith("stage")]
-    assert [s.reason for s in g.skipped if "fixed sizes" in s.reason]
+    model, x = e.build(), e.example_inputs()
+    g = eg.trace(model, x, ignored_layers=e.heads(model))
+    def off_run(*args, **kwargs):
+        raise RuntimeError("flows switched off")
+    monkeypatch.setattr(importlib.import_module("etp_graph.graph.trace"), "flow_run", off_run)
+    off = eg.trace(model, x, ignored_layers=e.heads(model))
+    assert [(grp.root, grp.size) for grp in g.groups] == [(grp.root, grp.size) for grp in off.groups]
+    assert g.groups and g.skipped == off.skipped
+    assert [s.reason for s in g.skipped if "fixed sizes [4, 3]" in s.reason]
 
 
 @pytest.mark.parametrize("blocks, units", [(2, 4), (3, 2)])
