@@ -54,7 +54,7 @@ def models(tv):
         "mnasnet0_5": (cnn(M.mnasnet0_5), 64), "efficientnet_b0": (cnn(M.efficientnet_b0), 64),
         "efficientnet_v2_s": (cnn(M.efficientnet_v2_s), 64), "regnet_x_400mf": (cnn(M.regnet_x_400mf), 64),
         "regnet_y_400mf": (cnn(M.regnet_y_400mf), 64), "convnext_tiny": (cnn(M.convnext_tiny), 64),
-        "shufflenet_v2_x0_5": (cnn(M.shufflenet_v2_x0_5), 64),
+        "shufflenet_v2_x0_5": (cnn(M.shufflenet_v2_x0_5), 64), "shufflenet_v2_x1_0": (cnn(M.shufflenet_v2_x1_0), 64),
         "maxvit-16-32": (maxvit([16, 32], [1, 1]), 32), "maxvit-32-64": (maxvit([32, 64], [2, 1]), 32),
         "vit-small": (lambda: VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64,
                                                 mlp_dim=128, num_classes=10), 32),
@@ -95,7 +95,8 @@ def main(argv=None) -> int:
             checks = f"EQUIVALENCE FAILED: {str(e).splitlines()[1][:120]}"
         print(f"{name}: {took:.1f} s, {len(g.groups)} groups, {len(g.skipped)} skipped, "
               f"{len(covered)}/{len(layers)} Conv/Linear layers in a group, {checks}", flush=True)
-        split = [f"{grp.root} ({grp.size} units)" for grp in g.groups if "Split" in grp.ops]
+        split = [f"{grp.root} ({grp.size} units{', ordered: cut re-arranged' if grp.ordered else ''})"
+                 for grp in g.groups if "Split" in grp.ops]
         if split:
             print(f"   split groups: {', '.join(split)}", flush=True)
         for s in g.skipped[:3]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import re
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
@@ -229,6 +230,8 @@ class ETPPruner:
     def _ranked(self, group: CoupledGroup):
         """``(scores, order)``: one importance reading and the removal order it gives."""
         imp = self.importance(group)
+        if group.ordered:     # only the last units can go, the last first
+            return imp, torch.arange(group.size - 1, -1, -1)
         return imp, removal_order(imp, self.config.pivot_of(group.size), self.regularizer.places(group))
 
     def _rounded(self, removal: Dict[int, List[int]]) -> Dict[int, List[int]]:
@@ -256,7 +259,10 @@ class ETPPruner:
                 removal[g.id] = order[: min(int(self.amount * g.size), g.size - 1)].tolist()
             else:
                 rel = imp / imp.max().clamp_min(torch.finfo(imp.dtype).tiny)
-                removal[g.id] = [int(u) for u in order[: g.size - 1] if rel[u] < self.amount]
+                low = [bool(rel[u] < self.amount) for u in order[: g.size - 1]]
+                if g.ordered:    # the last units in a row
+                    low = list(itertools.accumulate(low, lambda a, b: a and b))
+                removal[g.id] = [int(u) for u, ok in zip(order[: g.size - 1], low) if ok]
         return self._rounded(removal)
 
     def _macs(self, model: nn.Module) -> int:
@@ -305,8 +311,11 @@ class ETPPruner:
                 ranked.append((g, order, imp / imp.sum().clamp_min(torch.finfo(imp.dtype).tiny)))
             size = block[0].size
             cap = size - 1 if self.max_pruning_ratio is None else int(size * self.max_pruning_ratio)
+            last = 0.0
             for k in range(min(cap, size - 1)):   # keep at least one unit per group
                 share = sum(float(rel[order[k]]) for _, order, rel in ranked)
+                if any(g.ordered for g in block):   # never before the unit that must go first
+                    share = last = max(share, last)
                 candidates.append((share / max(saved, 1) * base, k, tuple((g.id, order[k]) for g, order, _ in ranked)))
         candidates.sort(key=lambda c: (c[0], c[1]))
         return candidates

@@ -57,6 +57,8 @@ def assert_prune_equivalent(model: nn.Module, example_inputs: Any,
     def chosen(g) -> List[List[int]]:
         if units is not None:
             return [list(units)]
+        if g.ordered:   # only the last units can go: a share of them, the last one, all but the first
+            return [g.sample(fraction, seed=0), [g.size - 1], list(range(1, g.size))]
         return [sample_units(g.size, fraction, seed=10_000 + g.id), [0], [g.size - 1]]
 
     if together:

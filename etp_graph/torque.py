@@ -140,7 +140,7 @@ class Regularizer(abc.ABC):
     @torch.no_grad()
     def _rank(self, group: CoupledGroup) -> torch.Tensor:
         n = group.size
-        if self.config.order == "index":
+        if self.config.order == "index" or group.ordered:   # an ordered group's last units go first
             return torch.arange(n)
         pivot = self.config.pivot_of(n)
         slots = torch.argsort((torch.arange(n) - pivot).abs(), stable=True)     # pivot, then outwards

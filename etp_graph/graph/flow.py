@@ -38,6 +38,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ..handlers import get_handler
+from .arrange import arranged_group
 from .discover import _Union
 from .group import CoupledGroup, Counter, SliceItem
 from .inputs import eval_mode, flat_tensors, forward
@@ -328,11 +329,13 @@ def _classes(flows: Flows) -> Tuple[_Union, Dict[int, List[int]]]:
     return uf, classes
 
 
-def flow_groups(graph, flows: Flows, ignored: Set[nn.Module]) -> List[Tuple[Optional[CoupledGroup], List[str], str]]:
+def flow_groups(graph, flows: Flows, ignored: Set[nn.Module],
+                example_inputs: Any = None) -> List[Tuple[Optional[CoupledGroup], List[str], str]]:
     """Per set of channels that meet in a channel split: ``(group, layers, reason)``, the
     unverified group (``None`` when it cannot be made, with the ``reason`` where the splits'
     balance is why, else ``""``) and the layers whose output channels it holds (the refusals it
-    may replace)."""
+    may replace). Where no balanced units exist and ``example_inputs`` are given, the group is
+    the stage's widths with its channels re-arranged (:mod:`.arrange`)."""
     modules = dict(graph.model.named_modules())
     uf, classes = _classes(flows)
     # classes that meet in one split are one group
@@ -346,7 +349,7 @@ def flow_groups(graph, flows: Flows, ignored: Set[nn.Module]) -> List[Tuple[Opti
     for r in classes:
         if r in in_splits:
             found.setdefault(link.find(r), []).append(r)
-    return [_build(graph, flows, uf, classes, members, modules, ignored) for members in found.values()]
+    return [_build(graph, flows, uf, classes, members, modules, ignored, example_inputs) for members in found.values()]
 
 
 def _cut_layers(flows: Flows, uf: _Union, members: Set[int], modules) -> List[str]:
@@ -356,7 +359,7 @@ def _cut_layers(flows: Flows, uf: _Union, members: Set[int], modules) -> List[st
                   key=lambda n: order.get(n, len(order)))
 
 
-def _build(graph, flows: Flows, uf: _Union, classes, members: List[int], modules, ignored):
+def _build(graph, flows: Flows, uf: _Union, classes, members: List[int], modules, ignored, example_inputs=None):
     member_set = set(members)
     cut = _cut_layers(flows, uf, member_set, modules)
     if any(uf.find(i) in member_set for i in flows.blocked):
@@ -372,14 +375,19 @@ def _build(graph, flows: Flows, uf: _Union, classes, members: List[int], modules
                 if i >= 0 and uf.find(i) in index_of:
                     counts[index_of[uf.find(i)]][col] += sign
     units = balanced(ordered, [tuple(c) for c in counts])
-    if units is None:
-        return None, cut, (f"balancing the parts of the {len(splits)} channel splits its channels meet needs more "
-                           f"than {BALANCE_STATES:,} partial sums")
-    if len(units) < 2:
-        return None, cut, (f"its channels meet {len(splits)} channel splits (chunk/split) whose parts must "
-                           "stay equal, with shuffles between them; no proper subset of them keeps every "
-                           "split's parts equal (the split-shuffle chain is too deep for its width), so "
-                           "they are all kept")
+    if units is None or len(units) < 2:
+        why = (f"balancing the parts of the {len(splits)} channel splits its channels meet needs more "
+               f"than {BALANCE_STATES:,} partial sums" if units is None else
+               f"its channels meet {len(splits)} channel splits (chunk/split) whose parts must "
+               "stay equal, with shuffles between them; no proper subset of them keeps every "
+               "split's parts equal (the split-shuffle chain is too deep for its width)")
+        if example_inputs is None:
+            return None, cut, why
+        ids = {i for c in ordered for i in c}
+        group, also = arranged_group(graph, flows, example_inputs, cut, ids,
+                                     lambda unit_of: flow_items(flows, modules, ignored, cut, unit_of), flow_run)
+        return (group, cut, "") if group is not None else \
+            (None, cut, why + (f", and re-arranging them does not help ({also})" if also else ""))
     made = flow_items(flows, modules, ignored, cut, {i: u for u, ids in enumerate(units) for i in ids})
     if made is None:
         return None, cut, ""

@@ -44,7 +44,7 @@ class ChannelGraph:
         rows = [("id", "root", "units", "layers", "check")]
         for g in self.groups:
             rows.append((str(g.id), g.root, str(g.size), str(len(g.modules)),
-                         "exact" if g.exact else "shape"))
+                         ("exact" if g.exact else "shape") + (", ordered (the last units go first)" if g.ordered else "")))
         for s in self.skipped:
             rows.append(("-", s.root, "-", "-", "skipped: " + s.reason[:60]))
         w = [max(len(r[i]) for r in rows) for i in range(4)]

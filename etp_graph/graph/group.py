@@ -99,6 +99,27 @@ class CoupledGroup:
         #: attention groups: layer → heads of that layer per unit (a GQA unit is one key/value
         #: head and the query heads sharing it: ``{"q_proj": 2, "k_proj": 1, …}``)
         self.heads = dict(heads or {})
+        #: ordered groups only (a split–shuffle stage cut with its channels re-arranged,
+        #: :mod:`.arrange`): entry ``r - 1`` holds, for removing the last ``r`` units, the order in
+        #: which each tensor dimension keeps its indices, ``{(owner, attr, dim): indices}``, and
+        #: each layer its channels, ``{(layer, role): channels}``
+        self.arrangements: Optional[List[Tuple[Dict[Tuple[str, str, int], torch.Tensor],
+                                               Dict[Tuple[Optional[str], str], torch.Tensor]]]] = None
+
+    @property
+    def ordered(self) -> bool:
+        """Whether the units go in order: only the last ``k`` can be removed (any ``k``), and a
+        cut re-arranges the channels it keeps (:mod:`.arrange`)."""
+        return self.arrangements is not None
+
+    def sample(self, fraction: float, seed: int) -> List[int]:
+        """Units a check removes: ``fraction`` of them drawn with ``seed`` (at least one, never
+        all); the last ones of an ordered group."""
+        from .verify import sample_units
+        if self.ordered:
+            k = min(self.size - 1, max(1, round(fraction * self.size)))
+            return list(range(self.size - k, self.size))
+        return sample_units(self.size, fraction, seed)
 
     # ----------------------------------------------------------------------------------- info
     @property
@@ -137,6 +158,10 @@ class CoupledGroup:
         if not allow_all and len(idx) >= self.size:
             raise ValueError(f"group {self.root!r}: removing all {self.size} units would delete the "
                              f"layer; keep at least one unit")
+        if not allow_all and self.ordered and idx and sorted(idx) != list(range(self.size - len(idx), self.size)):
+            raise ValueError(f"group {self.root!r}: its units are the widths of a split–shuffle stage and go "
+                             f"in order: remove the last {len(idx)} ({self.size - len(idx)}..{self.size - 1}), "
+                             f"not {sorted(idx)[:8]}")
         return torch.tensor(sorted(idx), dtype=torch.long)
 
     # ---------------------------------------------------------------------------- operations
@@ -207,6 +232,8 @@ class CoupledGroup:
                   channel_gone: Dict[Tuple[Optional[str], str], torch.Tensor]) -> None:
         """Drop ``units`` (may be none) and shift every index and channel number past the ones
         removed by the cut (of this group and of the others cut with it)."""
+        if self.ordered and len(units):
+            return self._rearrange(units)
         unit_map = torch.full((self.size,), -1, dtype=torch.long)
         dropped = set(units.tolist())
         kept = torch.tensor([u for u in range(self.size) if u not in dropped], dtype=torch.long)
@@ -222,6 +249,31 @@ class CoupledGroup:
             it.pairs = None
         self._size = len(kept)
 
+    def _rearrange(self, units: torch.Tensor) -> None:
+        """:meth:`_renumber` of an ordered group cut by its last ``len(units)`` units: every index
+        and channel goes where the cut's arrangement put it, and the arrangements of the deeper
+        cuts are read in the new numbering."""
+        r = len(units)
+        orders, channels = self.arrangements[r - 1]
+        inv = {k: _inverse(v) for k, v in orders.items()}
+        inv_ch = {k: _inverse(v) for k, v in channels.items()}
+        for it in self.items:
+            keep = it.unit < self.size - r
+            it.index = inv[(it.owner, it.attr, it.dim)][it.index[keep]]
+            it.channel = inv_ch[(it.module, it.role)][it.channel[keep]]
+            it.unit = it.unit[keep]
+            it.pairs = None
+        self.arrangements = [({k: inv[k][v] for k, v in o.items()}, {k: inv_ch[k][v] for k, v in c.items()})
+                             for o, c in self.arrangements[r:]]
+        self._size -= r
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    """``inv[order[k]] = k`` (``-1`` where ``order`` holds no such index)."""
+    inv = torch.full((int(order.max()) + 1 if len(order) else 0,), -1, dtype=torch.long)
+    inv[order] = torch.arange(len(order))
+    return inv
+
 
 def cut_groups(model: nn.Module, cuts: Sequence[Tuple["CoupledGroup", Iterable[int]]]):
     """Remove every ``(group, units)`` of ``cuts`` from ``model`` at once. Groups may share a
@@ -233,9 +285,14 @@ def cut_groups(model: nn.Module, cuts: Sequence[Tuple["CoupledGroup", Iterable[i
     per ``(layer, role)`` the layer-local channel numbers removed (to renumber the groups)."""
     plan: Dict[Tuple[str, str], Dict[int, set]] = {}
     removed: Dict[Tuple[Optional[str], str], set] = {}
+    arranged: Dict[Tuple[str, str], Dict[int, torch.Tensor]] = {}   # ordered groups: the order kept
     touched = set()
     for group, units in cuts:
         units = group._check(units)
+        if group.ordered and len(units):
+            for (owner, attr, dim), order in group.arrangements[len(units) - 1][0].items():
+                arranged.setdefault((owner, attr), {})[dim] = order
+                plan.setdefault((owner, attr), {}).setdefault(dim, set())
         for it in group.items:
             sel = torch.isin(it.unit, units)
             if not sel.any():
@@ -247,19 +304,25 @@ def cut_groups(model: nn.Module, cuts: Sequence[Tuple["CoupledGroup", Iterable[i
             touched |= {c.owner for c in group.counters}
     touched |= {o for o, _ in plan} | {m for m, _ in removed}
     # a tensor shared by several modules (tied embeddings) is cut once and stays shared
-    shared: Dict[int, Tuple[torch.Tensor, Dict[int, set], List[Tuple[nn.Module, str]]]] = {}
+    shared: Dict[int, Tuple[torch.Tensor, Dict[int, set], List[Tuple[nn.Module, str]], Dict[int, torch.Tensor]]] = {}
     for (owner, attr), dims in plan.items():
         mod = _resolve(model, owner)
         t = getattr(mod, attr)
-        entry = shared.setdefault(id(t), (t, {}, []))
+        entry = shared.setdefault(id(t), (t, {}, [], {}))
         for dim, drop in dims.items():
             entry[1].setdefault(dim, set()).update(drop)
         entry[2].append((mod, attr))
+        entry[3].update(arranged.get((owner, attr), {}))
+    for t, dims, places, orders in shared.values():
+        for dim, order in orders.items():
+            if sorted(order.tolist()) != [i for i in range(t.shape[dim]) if i not in dims[dim]]:
+                raise ValueError(f"{places[0][1]!r} of an ordered group's layer: its arrangement does not keep "
+                                 "exactly the indices the cut leaves (another group cuts the same dimension)")
     with atomic(model, touched):
-        for t, dims, places in shared.values():
+        for t, dims, places, orders in shared.values():
             new = base = t.detach()
             for dim, drop in dims.items():
-                keep = [i for i in range(new.shape[dim]) if i not in drop]
+                keep = orders[dim].tolist() if dim in orders else [i for i in range(new.shape[dim]) if i not in drop]
                 new = new.index_select(dim, torch.tensor(keep, dtype=torch.long, device=t.device))
             if new is base:   # (index_select made a new tensor; never share the old one)
                 new = new.clone()

@@ -458,7 +458,7 @@ def _flows(graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], splits:
                     check_group(model, example_inputs, group, units=[0]) is None:
                 keep(group, roots)
                 break
-    for group, cut, why in (flow_groups(graph, flows, ignored) if splits else []):
+    for group, cut, why in (flow_groups(graph, flows, ignored, example_inputs) if splits else []):
         refused = {s.root for s in graph.skipped} & set(cut)
         if not refused:
             continue

@@ -230,7 +230,7 @@ SHAPE_FRACTION = 0.75
 
 def check_units(group) -> List[int]:
     """The units a check of ``group`` removes (reproducible, seeded by its id)."""
-    return sample_units(group.size, FRACTION if group.exact else SHAPE_FRACTION, seed=group.id)
+    return group.sample(FRACTION if group.exact else SHAPE_FRACTION, seed=group.id)
 
 
 def check_group(model: nn.Module, example_inputs: Any, group, fraction: Optional[float] = None,
@@ -239,7 +239,7 @@ def check_group(model: nn.Module, example_inputs: Any, group, fraction: Optional
     (``fraction``: of the units removed, default :func:`check_units`'s; ``units``: exactly these;
     ``scopes``: check on the innermost module that can, see :func:`experiment`)."""
     if units is None:
-        units = check_units(group) if fraction is None else sample_units(group.size, fraction, seed=group.id)
+        units = check_units(group) if fraction is None else group.sample(fraction, seed=group.id)
     inside: List[Tuple[str, str]] = []   # modules whose forward is running in the pruned copy
     try:
         why, _ = experiment(model, example_inputs, [(group, units)], group.exact, inside, scopes)

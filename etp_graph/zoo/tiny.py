@@ -280,15 +280,23 @@ class _SplitShuffleBlock(nn.Module):
 
 @register_model("tiny_shufflenet_v2", _img(s=16), heads=lambda m: [m.fc], tags=("tiny",))
 class TinyShuffleNetV2(nn.Module):
-    """A stem, one ShuffleNet v2 stage (a stride-2 unit, two stride-1 units), a 1×1 conv, a head."""
+    """A stem, one ShuffleNet v2 stage (a stride-2 unit, ``blocks - 1`` stride-1 units), a 1×1
+    conv, a head."""
 
-    def __init__(self):
+    def __init__(self, blocks: int = 3):
         super().__init__()
         self.stem = _conv_bn(3, 8, 3, 2)
-        self.stage = nn.Sequential(_SplitShuffleBlock(8, 16, 2), _SplitShuffleBlock(16, 16, 1),
-                                   _SplitShuffleBlock(16, 16, 1))
+        self.stage = nn.Sequential(_SplitShuffleBlock(8, 16, 2), *[_SplitShuffleBlock(16, 16, 1)
+                                                                   for _ in range(blocks - 1)])
         self.conv5 = _conv_bn(16, 32)
         self.fc = nn.Linear(32, 4)
 
     def forward(self, x):
         return self.fc(self.conv5(self.stage(self.stem(x))).mean((2, 3)))
+
+
+@register_model("tiny_shufflenet_v2_deep", _img(s=16), heads=lambda m: [m.fc], tags=("tiny",))
+def tiny_shufflenet_v2_deep() -> TinyShuffleNetV2:
+    """:class:`TinyShuffleNetV2` with six units of width 16 in its stage: too deep for any balanced
+    cut, so the stage's width is an ordered group whose cuts re-arrange the channels."""
+    return TinyShuffleNetV2(blocks=6)

@@ -50,33 +50,6 @@ def test_a_shufflenet_v2_stage_is_one_group_whose_cuts_keep_the_halves_equal():
     assert model(x).shape == (2, 4)
 
 
-class DeepStage(nn.Module):
-    """A stage of eight split-shuffle units of width 16: no subset keeps every chunk balanced."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = _conv_bn(3, 8, 3, 2)
-        self.stage = nn.Sequential(_SplitShuffleBlock(8, 16, 2), *[_SplitShuffleBlock(16, 16, 1) for _ in range(7)])
-        self.fc = nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.fc(self.stage(self.stem(x)).mean((2, 3)))
-
-
-def test_a_stage_too_deep_for_its_width_is_refused_with_the_reason():
-    model = DeepStage().eval()
-    x = torch.randn(2, 3, 16, 16)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    g = eg.trace(model, x, ignored_layers=[model.fc])
-    reasons = {s.root: s.reason for s in g.skipped}
-    assert "stage.0.branch1.1.0" in reasons
-    assert all("7 channel splits" in r and "no proper subset" in r for r in reasons.values()), reasons
-    # every unit's own branch width is still a group of its own
-    assert len([grp for grp in g.groups if grp.root.endswith("branch2.0.0")]) == 8
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-
-
 def test_flows_leave_a_glu_and_a_kept_group_alone(monkeypatch):
     """A model whose splits the backend's path already handles (GLU halves) gets nothing from the
     flows: the same groups and refusals as with the flows switched off; the split with fixed
