@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Tuple
+
+from etp_graph.pruner import SOFT_CAP
 
 from . import methods as methods_mod
 from .tasks import get_task
@@ -31,6 +34,9 @@ def load(results: Path) -> List[dict]:
 
 def _key(cell) -> Tuple[str, str, str]:
     opts = ",".join(f"{k}={v}" for k, v in sorted(cell.get("options", {}).items()))
+    cap = cell.get("soft_cap")     # cells from before the soft cap existed ran without one
+    if cap != SOFT_CAP:            # the planner's default is the plain table
+        opts = ", ".join(o for o in (opts, "no soft cap" if cap is None else f"soft cap {cap:g}") if o)
     return cell["task"], cell["budget"], opts
 
 
@@ -164,11 +170,13 @@ def main(argv=None) -> int:
         groups[_key(c)].append(c)
     img, out = Path(args.img), Path(args.out)
     lines = _note("intro.md")
-    for (task, budget, opts), cs in sorted(groups.items()):
+    keys = sorted(groups)
+    for n, (task, budget, opts) in enumerate(keys):
+        cs = groups[(task, budget, opts)]
         t = get_task(task)
         metric = t.metric
         digits = 2 if metric.higher_is_better else 4
-        suffix = f"-{opts.replace(',', '-').replace('=', '')}" if opts else ""
+        suffix = "-" + re.sub(r"[^A-Za-z0-9.]+", "-", opts.replace("=", "")).strip("-") if opts else ""
         png = img / f"{task}{'' if budget == 'quick' else '-' + budget}{suffix}.png"
         plot_task(cs, metric, png)
         b = cs[0]["config"]["budget"]      # what ran; the time note is the task's current one
@@ -180,7 +188,8 @@ def main(argv=None) -> int:
                   f"{sum(c['wall_s']['total'] for c in cs) / 60:.0f} min in all.", "",
                   "Commands:", ""] + [f"    {cmd}" for cmd in sorted({c["command"] for c in cs})] + [""]
         lines += table(cs, metric.name, digits)
-        lines += [f"![{task}](img/{png.name})", ""] + _note(f"{task}.md")
+        last = n + 1 == len(keys) or keys[n + 1][0] != task      # the task's notes once, after its tables
+        lines += [f"![{task}](img/{png.name})", ""] + (_note(f"{task}.md") if last else [])
     plot_latency(cells, img / "latency.png")
     lines += ["## Latency against MACs, every cut of every task", "", "![latency](img/latency.png)", ""]
     lines += _note("outro.md")

@@ -59,14 +59,17 @@ def machine(device: str) -> Dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class PlanOptions:
-    """How every method of a run is cut (the same for all): ``ETPPruner``'s ``round_to`` and
-    ``max_pruning_ratio``."""
+    """How every method of a run is cut (the same for all): ``ETPPruner``'s ``round_to``,
+    ``max_pruning_ratio`` and ``soft_cap`` (cells from before the soft cap existed ran without
+    one: their files carry no ``-soft`` tag, as a run with ``--soft-cap none`` does)."""
 
     round_to: Optional[int] = None
     max_pruning_ratio: Optional[float] = None
+    soft_cap: Optional[float] = None
 
     def tags(self) -> str:
-        return ((f"-r{self.round_to}" if self.round_to else "")
+        return ((f"-soft{self.soft_cap:g}" if self.soft_cap is not None else "")
+                + (f"-r{self.round_to}" if self.round_to else "")
                 + (f"-m{self.max_pruning_ratio:g}" if self.max_pruning_ratio is not None else ""))
 
 
@@ -108,7 +111,7 @@ def _regularised(task: Task, method: methods_mod.Method, seed: int, speedup: flo
     pruner = eg.ETPPruner(model, task.example_inputs(), ignored_layers=task.heads(model),
                           config=config or eg.ETPConfig(beta=0.0, **methods_mod.ETP_DEFAULTS),
                           target_speedup=speedup, round_to=plan.round_to, importance=method.importance(seed),
-                          max_pruning_ratio=plan.max_pruning_ratio,
+                          max_pruning_ratio=plan.max_pruning_ratio, soft_cap=plan.soft_cap,
                           group_filter=task.group_filter(model))
     hook = RegHook(pruner.regularizer, task.reg_mode, task.decay_scale) if config is not None else None
     saved = _regularised_path(task, method, seed)
@@ -182,6 +185,9 @@ def main(argv=None) -> int:
     p.add_argument("--round-to", type=int, default=None, help="every group keeps a multiple of this many units")
     p.add_argument("--max-pruning-ratio", type=float, default=None,
                    help="no group loses more than this fraction of its units (every method alike)")
+    p.add_argument("--soft-cap", default=str(eg.pruner.SOFT_CAP),
+                   help="ETPPruner's soft_cap (default its own; 'none': one ranking for every unit, as "
+                        "every cell run before 2026-12-03)")
     p.add_argument("--separate", action="store_true",
                    help="a separate regularised training per speed-up (default: one training, a nested family)")
     p.add_argument("--beta", action="append", default=[],
@@ -210,7 +216,8 @@ def _run(args, argv, options: Dict[str, str], device: str) -> int:
     speedups = sorted(float(s) for s in args.speedups.split(",")) if args.speedups else list(task.speedups)
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
-    plan = PlanOptions(args.round_to, args.max_pruning_ratio)
+    plan = PlanOptions(args.round_to, args.max_pruning_ratio,
+                       None if args.soft_cap.lower() == "none" else float(args.soft_cap))
     todo = [(m, s) for s in seeds for m in chosen
             if args.force or not cell_path(out, task.name, args.budget, m.name, s, plan, args.separate, betas.get(m.name)).is_file()]
     if distributed.world_size() > 1 and any(m.name == "torch-pruning" for m, _ in todo):
@@ -235,7 +242,8 @@ def _run(args, argv, options: Dict[str, str], device: str) -> int:
         result.update({"task": task.name, "method": method.name, "seed": seed, "budget": args.budget,
                        "beta_override": betas.get(method.name),
                        "options": options, "round_to": plan.round_to,
-                       "max_pruning_ratio": plan.max_pruning_ratio, "commit": commit(),
+                       "max_pruning_ratio": plan.max_pruning_ratio, "soft_cap": plan.soft_cap,
+                       "commit": commit(),
                        "machine": machine(device), "date": time.strftime("%Y-%m-%d %H:%M"),
                        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])})
         result["wall_s"]["total"] = round(time.perf_counter() - t0, 1)

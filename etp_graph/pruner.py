@@ -35,6 +35,10 @@ from .torque import ETPConfig, Regularizer, make_regularizer
 
 T = TypeVar("T")
 
+#: The default soft cap: no group loses more than three quarters of its units while a target can
+#: be reached otherwise (ResNet-56 and Informer, every method: docs/results.md)
+SOFT_CAP = 0.75
+
 __all__ = ["ETPPruner", "PrunePlan", "PruneReport", "GroupResult"]
 
 #: ``target_speedup`` is reached within this relative margin (MACs are counted, not estimated).
@@ -124,8 +128,14 @@ class ETPPruner:
 
     Exactly one of ``pruning_ratio``, ``target_speedup``, ``threshold`` must be given.
     ``attention_units``: ``"heads"`` (default) or ``"head_dims"``, the unit of attention groups.
-    ``max_pruning_ratio`` (``target_speedup`` only): remove at most this fraction of any group's
-    units, so the MAC-cheapest group (often a residual stream) is not emptied first.
+    ``soft_cap`` (``target_speedup`` only, default :data:`SOFT_CAP` = 0.75): no group loses more
+    than this fraction of its units while the target can be reached otherwise; past that, every
+    group may go to 7/8, then 15/16 … (each step halves what a group keeps), the whole model one
+    step at a time. Without it the planner's per-MAC ranking empties the MAC-cheapest wide group
+    first (a residual stream, a transformer's embedding width: measured, every method loses there;
+    docs/results.md). ``None``: one ranking for every unit (every group down to one unit).
+    ``max_pruning_ratio`` (``target_speedup`` only): a hard cap: remove at most this fraction of
+    any group's units (a target past it is unreachable).
     ``group_filter``: only the groups for which it returns ``True`` are regularised and pruned;
     the others keep every unit (e.g. ``lambda g: g.size != 384`` keeps a BERT's hidden width).
     ``round_to``: every group keeps a multiple of this many units (or all of them, when it has
@@ -147,6 +157,7 @@ class ETPPruner:
                  config: Optional[ETPConfig] = None, pruning_ratio: Optional[float] = None,
                  target_speedup: Optional[float] = None, threshold: Optional[float] = None,
                  attention_units: str = "heads", max_pruning_ratio: Optional[float] = None,
+                 soft_cap: Optional[float] = SOFT_CAP,
                  group_filter: Optional[Callable[[CoupledGroup], bool]] = None, round_to: Optional[int] = None,
                  importance: Optional[Callable[[CoupledGroup], torch.Tensor]] = None, uniform: bool = False,
                  outputs: Optional[Sequence[Any]] = None, time_limit: Optional[float] = TIME_LIMIT):
@@ -175,6 +186,9 @@ class ETPPruner:
         if max_pruning_ratio is not None and not 0 < max_pruning_ratio < 1:
             raise ValueError(f"max_pruning_ratio must be in (0, 1), got {max_pruning_ratio}")
         self.max_pruning_ratio = max_pruning_ratio
+        if soft_cap is not None and not 0 < soft_cap < 1:
+            raise ValueError(f"soft_cap must be None or in (0, 1), got {soft_cap}")
+        self.soft_cap = soft_cap
         if group_filter is not None and not callable(group_filter):
             raise TypeError(f"group_filter must be a callable taking a CoupledGroup, got {type(group_filter).__name__}")
         self.group_filter = group_filter
@@ -316,9 +330,20 @@ class ETPPruner:
                 share = sum(float(rel[order[k]]) for _, order, rel in ranked)
                 if any(g.ordered for g in block):   # never before the unit that must go first
                     share = last = max(share, last)
-                candidates.append((share / max(saved, 1) * base, k, tuple((g.id, order[k]) for g, order, _ in ranked)))
-        candidates.sort(key=lambda c: (c[0], c[1]))
-        return candidates
+                candidates.append((self._tier(k, size), share / max(saved, 1) * base, k,
+                                   tuple((g.id, order[k]) for g, order, _ in ranked)))
+        candidates.sort(key=lambda c: c[:3])
+        return [c[1:] for c in candidates]
+
+    def _tier(self, k: int, size: int) -> int:
+        """The soft cap's step of a group's ``k``-th removal (0-based): 0 while the group keeps
+        at least ``1 - soft_cap`` of its units, then one more each time what it keeps halves."""
+        if self.soft_cap is None:
+            return 0
+        keep, tier = (1 - self.soft_cap) * size, 0
+        while size - (k + 1) < keep - 1e-9:
+            keep, tier = keep / 2, tier + 1
+        return tier
 
     def _prefix(self, candidates: List[tuple], n: int) -> Dict[int, List[int]]:
         """The plan removing the first ``n`` candidates (then rounded to ``round_to``)."""

@@ -19,10 +19,11 @@ def cells(tmp_path_factory):
 
 def test_cells_record_every_stage_and_the_configuration(cells):
     files = sorted((cells / "tiny-cnn" / "quick").glob("*.json"))
-    assert [f.name for f in files][:3] == ["etp-s0.json", "group-sl-s0.json", "random-s0.json"]
+    assert [f.name for f in files][:3] == ["etp-s0-soft0.75.json", "group-sl-s0-soft0.75.json", "random-s0-soft0.75.json"]
     r = json.loads(files[0].read_text())
     assert r["config"]["method"]["regularizer"]["profile"] == "exp"
     assert r["config"]["method"]["regularizer"]["order"] == "norm"
+    assert r["soft_cap"] == 0.75 and r["config"]["pruner"]["soft_cap"] == 0.75     # the pruner's default
     assert r["config"]["budget"] == {"dense": 20, "reg": 10, "finetune": 5, "unit": "steps", "note": "seconds"}
     assert r["machine"]["threads"] >= 1 and r["machine"]["device"] == "cpu"
     assert set(r["wall_s"]) >= {"dense", "regularise", "plan", "latency", "total"}
@@ -77,8 +78,8 @@ def test_one_training_family_equals_separate_trainings_for_etp(cells):
     """ETP's penalty does not depend on the target: a training per target gives the same cuts."""
     assert run.main(["tiny-cnn", "--methods", "etp", "--seeds", "0", "--out", str(cells), "--separate",
                      "--latency-repeat", "2"]) == 0
-    family = json.loads((cells / "tiny-cnn" / "quick" / "etp-s0.json").read_text())
-    separate = json.loads((cells / "tiny-cnn" / "quick" / "etp-s0-sep.json").read_text())
+    family = json.loads((cells / "tiny-cnn" / "quick" / "etp-s0-soft0.75.json").read_text())
+    separate = json.loads((cells / "tiny-cnn" / "quick" / "etp-s0-soft0.75-sep.json").read_text())
     assert separate["separate_trainings"] and not family["separate_trainings"]
     for a, b in zip(family["cuts"], separate["cuts"]):
         assert (a["target"], a["macs"], a["units_kept"]) == (b["target"], b["macs"], b["units_kept"])
@@ -90,7 +91,7 @@ def test_torch_pruning_row_runs_where_it_is_exact_and_refuses_with_its_error_els
     import etp_graph as eg
     assert run.main(["tiny-cnn", "--methods", "torch-pruning", "--seeds", "0", "--out", str(cells),
                      "--latency-repeat", "2"]) == 0
-    r = json.loads((cells / "tiny-cnn" / "quick" / "torch-pruning-s0.json").read_text())
+    r = json.loads((cells / "tiny-cnn" / "quick" / "torch-pruning-s0-soft0.75.json").read_text())
     assert r["refused"] is None and [c["target"] for c in r["cuts"]] == [1.5, 2.0]
     assert all(c["speedup"] >= c["target"] for c in r["cuts"])
     e = eg.zoo.entry("tiny_resnet_a")         # option-A (zero-padded) shortcut: Torch-Pruning is not exact
@@ -103,17 +104,18 @@ def test_max_pruning_ratio_caps_every_group_for_every_method(cells):
     out = cells
     assert run.main(["tiny-cnn", "--methods", "magnitude", "--seeds", "0", "--out", str(out), "--speedups", "1.5",
                      "--max-pruning-ratio", "0.6", "--latency-repeat", "2"]) == 0
-    r = json.loads((out / "tiny-cnn" / "quick" / "magnitude-s0-m0.6.json").read_text())
+    r = json.loads((out / "tiny-cnn" / "quick" / "magnitude-s0-soft0.75-m0.6.json").read_text())
     assert r["max_pruning_ratio"] == 0.6 and r["config"]["pruner"]["max_pruning_ratio"] == 0.6
     kept = r["cuts"][0]["units_kept"]
     assert kept and all(n >= 16 - int(16 * 0.6) for n in kept.values()), kept   # 16-unit groups
     assert run.cell_path(out, "t", "quick", "etp", 0, run.PlanOptions(8, 0.5)).name == "etp-s0-r8-m0.5.json"
+    assert run.cell_path(out, "t", "quick", "etp", 0, run.PlanOptions(None, None, 0.75)).name == "etp-s0-soft0.75.json"
 
 
 def test_a_saved_regularised_model_gives_the_same_cell(cells, tmp_path, monkeypatch):
     """--reuse-regularised loads the cell's saved regularised weights: same metrics and cuts as
     the run that trained them (the fixture's cache, a fresh results folder)."""
-    first = json.loads((cells / "tiny-cnn" / "quick" / "etp-s0.json").read_text())
+    first = json.loads((cells / "tiny-cnn" / "quick" / "etp-s0-soft0.75.json").read_text())
     task_cls = get_task("tiny-cnn")
     train = task_cls.train
 
@@ -123,7 +125,7 @@ def test_a_saved_regularised_model_gives_the_same_cell(cells, tmp_path, monkeypa
     monkeypatch.setattr(task_cls, "train", no_regularising)
     assert run.main(["tiny-cnn", "--methods", "etp", "--seeds", "0", "--out", str(tmp_path),
                      "--latency-repeat", "2", "--reuse-regularised"]) == 0      # the fixture's cache
-    again = json.loads((tmp_path / "tiny-cnn" / "quick" / "etp-s0.json").read_text())
+    again = json.loads((tmp_path / "tiny-cnn" / "quick" / "etp-s0-soft0.75.json").read_text())
     assert again["regularised_reused"] and again["regularised"] == first["regularised"]
     assert [(c["units_kept"], c["pruned"], c["finetuned"]) for c in again["cuts"]] == \
         [(c["units_kept"], c["pruned"], c["finetuned"]) for c in first["cuts"]]
