@@ -263,3 +263,40 @@ def test_max_speedup_is_the_limit_of_path():
     assert pruner.path([best])[0].speedup == pytest.approx(best)
     with pytest.raises(ValueError, match="unreachable"):
         pruner.path([best * 1.05])
+
+
+def _resnet56():
+    torch.manual_seed(0)
+    model = eg.zoo.create("resnet56_cifar").eval()
+    return model, torch.randn(2, 3, 32, 32)
+
+
+def test_the_soft_cap_keeps_a_quarter_of_every_group_while_the_target_allows():
+    model, x = _resnet56()
+    soft = eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=2.0)
+    assert soft.soft_cap == 0.75
+    assert [soft._tier(k, 16) for k in range(15)] == [0] * 12 + [1, 1, 2]
+    hard = eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=2.0, max_pruning_ratio=0.75)
+    free = eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=2.0, soft_cap=None)
+    capped_best = hard.max_speedup()
+    # below the hard cap's limit the soft cap plans exactly what the hard cap plans
+    for a, b in zip(soft.path([2.0, 4.0, capped_best * 0.98]), hard.path([2.0, 4.0, capped_best * 0.98])):
+        assert a.removed == b.removed
+        assert all(len(u) <= int(0.75 * g.size) for g in soft.graph.groups for u in [a.removed.get(g.id, [])])
+    # past it the target is still reached (every group may go deeper), and the family stays nested
+    assert soft.max_speedup() == pytest.approx(free.max_speedup())
+    p4, p8 = soft.path([4.0, capped_best * 1.1])
+    assert p8.speedup >= capped_best * 1.1
+    assert all(set(p4.removed.get(g, [])) <= set(p8.removed.get(g, [])) for g in p4.removed)
+    deeper = [g for g in soft.graph.groups if len(p8.removed.get(g.id, [])) > int(0.75 * g.size)]
+    assert deeper
+    # without it the one ranking empties whatever is cheapest per MAC: here the residual stream
+    (stream,) = [g for g in free.graph.groups if g.root == "conv1"]
+    assert len(free.path([4.0])[0].removed.get(stream.id, [])) == stream.size - 1
+    assert len(soft.path([4.0])[0].removed.get(stream.id, [])) <= 12
+
+
+def test_soft_cap_out_of_range_is_refused():
+    model, x = _resnet56()
+    with pytest.raises(ValueError, match="soft_cap must be None or in"):
+        eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=2.0, soft_cap=1.0)

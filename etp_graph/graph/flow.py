@@ -15,6 +15,8 @@ of layers whose channels meet in a channel split:
   of every part: removal must keep the parts aligned;
 * a ``chunk``/``split`` of the channels into equal parts asks only that every part lose as many
   channels (:func:`balanced`): the parts go different ways.
+* where no set of classes balances every split (a deep, narrow stage), the group is the stage's
+  narrower widths, cut with the channels re-arranged (:mod:`.arrange`).
 
 The same run serves three repairs of groups the backend's path refused (:func:`width_with_heads`,
 :func:`with_counts`, :func:`with_tables`): an attention whose forward reshapes the heads' output
