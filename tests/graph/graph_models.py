@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from etp_graph.zoo.tiny import _SplitShuffleBlock, _conv_bn
+
 
 def chain():
     """conv → BN → ReLU → conv → ReLU → flatten → Linear head, on 8×8 inputs (``X8``)."""
@@ -45,3 +47,25 @@ def departition(t, shape, p: int, grid: bool):
     b, c, h, w = shape
     t = t.transpose(-2, -3) if grid else t
     return t.reshape(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+
+
+class DeepStage(nn.Module):
+    """A ShuffleNet v2 stage of ``blocks`` split-shuffle units of width 16 (eight: no subset keeps every
+    chunk balanced), with BatchNorms that do something unless ``plain``."""
+
+    def __init__(self, blocks=8, plain=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = _conv_bn(3, 8, 3, 2)
+        self.stage = nn.Sequential(_SplitShuffleBlock(8, 16, 2), *[_SplitShuffleBlock(16, 16, 1)
+                                                                   for _ in range(blocks - 1)])
+        self.fc = nn.Linear(16, 4)
+        for m in [] if plain else self.modules():     # BatchNorms that do something (masked channels must still be zero)
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                nn.init.normal_(m.weight)
+                nn.init.normal_(m.bias, 0, 0.5)
+
+    def forward(self, x):
+        return self.fc(self.stage(self.stem(x)).mean((2, 3)))

@@ -4,34 +4,12 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import etp_graph as eg
 from etp_graph import load_pruned, save_pruned
 from etp_graph.graph import arrange
 from etp_graph.testing import assert_prune_equivalent
-from etp_graph.zoo.tiny import _SplitShuffleBlock, _conv_bn
-
-
-class DeepStage(nn.Module):
-    """A stage of eight split-shuffle units of width 16: no subset keeps every chunk balanced."""
-
-    def __init__(self, blocks=8):
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = _conv_bn(3, 8, 3, 2)
-        self.stage = nn.Sequential(_SplitShuffleBlock(8, 16, 2), *[_SplitShuffleBlock(16, 16, 1)
-                                                                   for _ in range(blocks - 1)])
-        self.fc = nn.Linear(16, 4)
-        for m in self.modules():     # BatchNorms that do something (masked channels must still be zero)
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2)
-                nn.init.normal_(m.weight)
-                nn.init.normal_(m.bias, 0, 0.5)
-
-    def forward(self, x):
-        return self.fc(self.stage(self.stem(x)).mean((2, 3)))
+from graph_models import DeepStage
 
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))

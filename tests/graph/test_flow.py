@@ -10,8 +10,8 @@ from torch import nn
 import etp_graph as eg
 from etp_graph.graph import flow
 from etp_graph.testing import assert_prune_equivalent
-from etp_graph.zoo.tiny import TinyShuffleNetV2, _SplitShuffleBlock, _conv_bn
-from graph_models import departition, partition
+from etp_graph.zoo.tiny import TinyShuffleNetV2, _conv_bn
+from graph_models import DeepStage, departition, partition
 
 
 def test_balanced_joins_classes_that_cancel_and_leaves_out_what_nothing_cancels():
@@ -70,19 +70,7 @@ def test_flows_leave_a_glu_and_a_kept_group_alone(monkeypatch):
 def test_units_follow_the_depth_of_the_chain(blocks, units):
     """Width 16 (8 pairs): one chunk after the first unit balances pairs two by two (4 units),
     two chunks four by four (2 units)."""
-    class Stage(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.stem = _conv_bn(3, 8, 3, 2)
-            self.stage = nn.Sequential(_SplitShuffleBlock(8, 16, 2), *[_SplitShuffleBlock(16, 16, 1)
-                                                                       for _ in range(blocks - 1)])
-            self.fc = nn.Linear(16, 4)
-
-        def forward(self, x):
-            return self.fc(self.stage(self.stem(x)).mean((2, 3)))
-
-    model, x = Stage().eval(), torch.randn(2, 3, 16, 16)
+    model, x = DeepStage(blocks, plain=True).eval(), torch.randn(2, 3, 16, 16)
     g = eg.trace(model, x, ignored_layers=[model.fc])
     (stage,) = [grp for grp in g.groups if "Split" in grp.ops]
     assert stage.size == units
