@@ -117,12 +117,38 @@ def _read_op(bk: Backend, node, idxs, root_idxs, out: _Reading) -> None:
             out.entries.append(_Entry(None, "", "out", idxs, root_idxs, [], facts.period))
         out.ops.append(type(mod).__name__.strip("_").split("Op")[0].split("_")[0])
         return
+    if _layer_product(node):   # the layer's own matrix product (a Linear on 3-D inputs folds them)
+        return
     out.ops.append(op_name(node.grad_fn) if node.grad_fn is not None else "Unknown")
     if out.ops[-1] in REDUCTIONS and _reduces_channels(node):
         out.exact = False
     span = facts.pad_span
     if span is not None:  # padded channels belong to no tensor: not prunable here
         out.pinned.update(r for i, r in zip(idxs, root_idxs) if not span[0] <= i < span[1])
+
+
+def _layer_product(node) -> bool:
+    """Is this matrix product the inside of the one layer it feeds? ``F.linear`` on a 3-D input
+    runs as view → ``addmm`` (or ``mm``) with the weight → view, and the backend sees the layer
+    at the last view: the product is the layer's own when its parameter operand (through a
+    transpose) is that layer's weight. A product with any other parameter is not (a functional
+    linear inside a module the backend does not know as a layer)."""
+    fn = node.grad_fn
+    if fn is None or op_name(fn) not in ("Addmm", "Mm") or len(node.outputs) != 1:
+        return False
+    layer = node.outputs[0].module
+    if not isinstance(layer, nn.Module):
+        return False
+    owned = {id(p) for p in layer.parameters(recurse=False)}
+    todo = [f for f, _ in fn.next_functions if f is not None]
+    while todo:
+        f = todo.pop()
+        if hasattr(f, "variable"):
+            if id(f.variable) in owned:
+                return True
+        elif op_name(f) in ("T", "Transpose", "Alias"):
+            todo += [g for g, _ in f.next_functions if g is not None]
+    return False
 
 
 def _reduces_channels(node) -> bool:

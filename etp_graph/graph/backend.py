@@ -59,6 +59,9 @@ class Backend:
     def __init__(self, dg: Any):
         self.dg = dg
         self._facts: Dict[Any, NodeFacts] = {}
+        #: the model's outputs at the trace (floating ones as shape-only stand-ins): what a shape
+        #: check compares a pruned copy's outputs with
+        self.outputs: Optional[List[torch.Tensor]] = None
 
     def facts(self, node) -> NodeFacts:
         return self._facts.setdefault(node, NodeFacts())
@@ -267,9 +270,15 @@ def build_backend(model: nn.Module, example_inputs: Any, backend: Optional[Backe
         warnings.simplefilter("ignore")
         with recorder:
             if isinstance(example_inputs, Outputs):   # only these outputs must keep their channels
-                inputs, transform = example_inputs.inputs, lambda out: _traced_outputs(example_inputs.select(out))
+                inputs, select = example_inputs.inputs, example_inputs.select
             else:
-                inputs, transform = example_inputs, _traced_outputs
+                inputs, select = example_inputs, lambda out: out
+
+            def transform(out):
+                out = select(out)
+                backend.outputs = [_shape_only(t) if t.is_floating_point() else t.detach().clone()
+                                   for t in flat_tensors(out)]
+                return _traced_outputs(out)
             backend.dg.build_dependency(model, inputs, customized_pruners=_leaf_pruners(model),
                                         output_transform=transform, verbose=False)
     for node in backend.dg.module2node.values():

@@ -102,6 +102,9 @@ KEY = 1 << 31
 def _pairs(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
     """Unique ``[2, K]`` pairs of differing valid ids at equal positions."""
     a, b = torch.broadcast_tensors(a, b)
+    for d in range(a.dim()):   # a dim along which both repeat one slice (the tokens) adds no pair
+        if a.shape[d] > 1 and bool((a == a.narrow(d, 0, 1)).all()) and bool((b == b.narrow(d, 0, 1)).all()):
+            a, b = a.narrow(d, 0, 1), b.narrow(d, 0, 1)
     keep = (a >= 0) & (b >= 0) & (a != b)
     if not keep.any():
         return None
@@ -146,6 +149,21 @@ def _squeeze_repeats(s: torch.Tensor) -> torch.Tensor:
         if s.shape[d] > 1 and bool((s == s.narrow(d, 0, 1)).all()):
             s = s.narrow(d, 0, 1)
     return s
+
+
+_FLAT = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def _leaves(x: Any) -> List[Any]:
+    """``pytree.tree_leaves(x)``, without its cost for the usual call of an op: a tensor, or
+    positional arguments of tensors and numbers with few keyword arguments."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if type(x) is tuple and len(x) == 2 and type(x[0]) is tuple and type(x[1]) is dict:
+        args, kwargs = x
+        if all(isinstance(a, _FLAT) for a in args) and all(isinstance(v, _FLAT) for v in kwargs.values()):
+            return [*args, *kwargs.values()]
+    return pytree.tree_leaves(x)
 
 
 class _Mode(TorchFunctionMode):
@@ -193,11 +211,11 @@ class _Run:
 
     # ------------------------------------------------------------------------------ rules
     def step(self, func, args, kwargs, out) -> None:
-        leaves = pytree.tree_leaves((args, kwargs))
+        leaves = _leaves((args, kwargs))
         shadows = [self.get(t) for t in leaves]
         name = getattr(func, "__name__", "")
         if all(s is None for s in shadows) or name in FRESH or name.endswith("_like") or not any(
-                isinstance(t, torch.Tensor) for t in pytree.tree_leaves(out)):
+                isinstance(t, torch.Tensor) for t in _leaves(out)):
             return   # sizes, dtypes, fresh tensors: nothing flows
         if name in CONVERSIONS:
             self.put(out, shadows[0] if shadows[0] is not None else next(s for s in shadows if s is not None))

@@ -154,11 +154,22 @@ def _check_model(model: nn.Module, example_inputs: Any) -> None:
         raise TraceError(f"example_inputs are on {', '.join(sorted(map(str, given)))} and the model on "
                          f"{next(iter(devices))}; move them to the model's device")
     # parameters only: a buffer may hold -inf on purpose (an attention mask)
-    bad = [n for n, t in model.named_parameters() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = [n for n, t in model.named_parameters() if t.is_floating_point() and not _finite(t)]
     if bad:
         raise TraceError(f"non-finite values (NaN or inf) in {', '.join(map(repr, bad[:3]))}"
                          f"{' and more' if len(bad) > 3 else ''}: masking and pruning cannot be compared; "
                          "fix or re-initialise those tensors first")
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in ``t``: its least and largest value (one pass, no copy; NaN propagates)."""
+    if not t.numel():
+        return True
+    try:
+        lo, hi = torch.aminmax(t.detach())
+    except RuntimeError:   # a dtype without aminmax on this device
+        return bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _run(model: nn.Module, example_inputs: Any) -> None:
@@ -290,7 +301,7 @@ def _rooted(bk: Backend, graph: ChannelGraph, name: str, m: nn.Module, ignored: 
 
 
 def _check_all(model: nn.Module, example_inputs, groups: List[CoupledGroup], scopes,
-               verdicts: Dict[int, Optional[str]]) -> None:
+               verdicts: Dict[int, Optional[str]], reference: Optional[List[torch.Tensor]] = None) -> None:
     """Record in ``verdicts`` ``id(group)`` → the reason it fails its mask-then-prune check, or
     ``None`` when it holds; a group is recorded as soon as its verdict is known (a time limit
     then refuses only the groups not recorded).
@@ -299,42 +310,44 @@ def _check_all(model: nn.Module, example_inputs, groups: List[CoupledGroup], sco
     twin): a model whose groups all hold costs two forwards. Where that disagrees, a group whose
     cut stays inside one module is checked on that module alone (:mod:`.scope`), and the others
     are halved until each failing one stands alone. Exact and shape-checked groups are never
-    mixed; a group alone gets :func:`check_group`'s reason."""
+    mixed; a group alone gets :func:`check_group`'s reason. ``reference``: the model's outputs
+    (shapes), standing in for the unmasked copy of a shape check."""
     if not groups:
         return
-    if _all_hold(model, example_inputs, groups):
+    if _all_hold(model, example_inputs, groups, reference):
         verdicts.update((id(g), None) for g in groups)
         return
     local = [g for g in groups if scopes.hosts(model, [g])]
     for g in progress(local, "etp_graph: checks"):
         check_time("the verification of every group")
         verdicts[id(g)] = check_group(model, example_inputs, g, scopes=scopes)
-    _check_together(model, example_inputs, [g for g in groups if g not in local], verdicts)
+    _check_together(model, example_inputs, [g for g in groups if g not in local], verdicts, reference)
 
 
-def _all_hold(model: nn.Module, example_inputs, groups: List[CoupledGroup]) -> bool:
+def _all_hold(model: nn.Module, example_inputs, groups: List[CoupledGroup],
+              reference: Optional[List[torch.Tensor]] = None) -> bool:
     """One masked/pruned pair for all ``groups`` (their sampled units cut at once) agrees."""
     cuts = [(g, check_units(g)) for g in groups]
     try:
-        why, _ = experiment(model, example_inputs, cuts, groups[0].exact)
+        why, _ = experiment(model, example_inputs, cuts, groups[0].exact, reference=reference)
     except Exception:
         return False
     return why is None
 
 
 def _check_together(model: nn.Module, example_inputs, groups: List[CoupledGroup],
-                    verdicts: Dict[int, Optional[str]]) -> None:
+                    verdicts: Dict[int, Optional[str]], reference: Optional[List[torch.Tensor]] = None) -> None:
     if not groups:
         return
     check_time("the verification of every group")
     if len(groups) == 1:
         verdicts[id(groups[0])] = check_group(model, example_inputs, groups[0])
-    elif _all_hold(model, example_inputs, groups):
+    elif _all_hold(model, example_inputs, groups, reference):
         verdicts.update((id(g), None) for g in groups)
     else:
         half = len(groups) // 2
-        _check_together(model, example_inputs, groups[:half], verdicts)
-        _check_together(model, example_inputs, groups[half:], verdicts)
+        _check_together(model, example_inputs, groups[:half], verdicts, reference)
+        _check_together(model, example_inputs, groups[half:], verdicts, reference)
 
 
 def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], validate: bool,
@@ -374,19 +387,28 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
     attempts = [g for a in found.values() if not a.reason for g in a.attempts]
     # the hosts' inputs are recorded only if a check needs them (not when every group holds at once)
     scopes = _Lazy(lambda: capture(model, example_inputs, (pending if validate else []) + attempts))
-    if validate:
-        with phase(f"verification of {len(pending)} groups"):
-            verdicts: Dict[int, Optional[str]] = {}
-            try:
-                for exact in (True, False):
-                    _check_all(model, example_inputs, [g for g in pending if g.exact == exact], scopes, verdicts)
-            except Exhausted as e:   # what is not verified is not returned
-                verdicts.update((id(g), str(e)) for g in pending if id(g) not in verdicts)
-            problems.update((k, why) for k, why in verdicts.items() if why)
     firsts = [a.attempts[0] for a in found.values() if not a.reason and a.attempts]
     for k, g in enumerate(firsts):
         g.id = len(pending) + k
-    settled = len(firsts) > 1 and all(g.exact for g in firsts) and _all_hold(model, example_inputs, firsts)
+    # the attentions' first attempts are settled when they hold together (a pair of their own, or
+    # one pair with the exact groups: a model whose groups all hold costs one pair per kind)
+    together = len(firsts) > 1 and all(g.exact for g in firsts)
+    settled = False
+    if validate:
+        with phase(f"verification of {len(pending)} groups"):
+            verdicts: Dict[int, Optional[str]] = {}
+            exact = [g for g in pending if g.exact]
+            if together and exact and _all_hold(model, example_inputs, exact + firsts):
+                settled = True
+                verdicts.update((id(g), None) for g in exact)
+            try:
+                _check_all(model, example_inputs, [g for g in exact if id(g) not in verdicts], scopes, verdicts)
+                _check_all(model, example_inputs, [g for g in pending if not g.exact], scopes, verdicts,
+                           bk.outputs)
+            except Exhausted as e:   # what is not verified is not returned
+                verdicts.update((id(g), str(e)) for g in pending if id(g) not in verdicts)
+            problems.update((k, why) for k, why in verdicts.items() if why)
+    settled = settled or together and _all_hold(model, example_inputs, firsts)
     failed: List[Tuple[Any, SkippedGroup]] = []
     broke: List[Tuple[CoupledGroup, str]] = []     # refused because their cut broke the forward
     for name, g in entries:

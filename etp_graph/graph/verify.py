@@ -113,7 +113,7 @@ def mask_and_prune(model: nn.Module, example_inputs: Any, cuts: Sequence[Tuple[A
                    inside: Optional[List[Tuple[str, str]]] = None,
                    dtype: Optional[torch.dtype] = None,
                    watch: Optional[Dict[str, Tuple[list, list]]] = None,
-                   mask: bool = True) -> Tuple[Any, Any, nn.Module]:
+                   mask: bool = True, reference: Any = None) -> Tuple[Any, Any, nn.Module]:
     """The mask-versus-prune experiment, written once: on two copies of ``model`` (eval mode,
     see :func:`twin`), zero the ``(group, units)`` of ``cuts`` in one (in the shared tensors,
     put back right after its forward, see :func:`masked_in_place`) and remove them from the
@@ -123,7 +123,13 @@ def mask_and_prune(model: nn.Module, example_inputs: Any, cuts: Sequence[Tuple[A
     ``dtype``: run the experiment with both copies (then full copies) and the floating inputs in
     this precision. ``watch``: module name → two lists that receive that module's outputs in the
     masked and the pruned copy. ``mask=False``: the first copy runs unmasked (a shape check
-    compares shapes only). Raises :class:`MaskedBroke` when the masked copy cannot run."""
+    compares shapes only), or does not run at all where ``reference`` (the model's outputs, as
+    shape-only stand-ins) is given. Raises :class:`MaskedBroke` when the masked copy cannot run."""
+    if reference is not None and not mask and dtype is None and not watch:
+        pruned = twin(model)
+        cut_groups(pruned, cuts)
+        with torch.no_grad(), _inside(pruned, inside):
+            return reference, forward(pruned, example_inputs), pruned
     if dtype is not None:   # ``Module.to`` converts parameters in place: nothing may be shared
         masked, pruned = copy.deepcopy(model).eval().to(dtype), copy.deepcopy(model).eval().to(dtype)
         convert = lambda x: pytree.tree_map(  # noqa: E731
@@ -140,13 +146,6 @@ def mask_and_prune(model: nn.Module, example_inputs: Any, cuts: Sequence[Tuple[A
         for copy_, got in ((masked, got_m), (pruned, got_p)):
             hooks.append(copy_.get_submodule(name).register_forward_hook(
                 lambda _m, _a, out, got=got: got.extend(t.detach() for t in flat_tensors(out))))
-    if inside is not None:
-        def leave(*_):
-            if inside:
-                inside.pop()
-        for name, m in pruned.named_modules():
-            hooks.append(m.register_forward_pre_hook(lambda _m, _a, n=name: inside.append((n, type(_m).__name__))))
-            hooks.append(m.register_forward_hook(leave))
     try:
         with torch.no_grad():
             try:
@@ -154,7 +153,30 @@ def mask_and_prune(model: nn.Module, example_inputs: Any, cuts: Sequence[Tuple[A
                     a = forward(masked, example_inputs)
             except Exception as e:
                 raise MaskedBroke(f"{type(e).__name__}: {e}") from e
-            return a, forward(pruned, example_inputs), pruned
+            with _inside(pruned, inside):
+                return a, forward(pruned, example_inputs), pruned
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _inside(model: nn.Module, inside: Optional[List[Tuple[str, str]]]) -> Iterator[None]:
+    """While active, ``inside`` holds ``(name, class)`` of the modules of ``model`` whose forward
+    is in progress (``None``: nothing recorded)."""
+    if inside is None:
+        yield
+        return
+
+    def leave(*_):
+        if inside:
+            inside.pop()
+    hooks = []
+    for name, m in model.named_modules():
+        hooks.append(m.register_forward_pre_hook(lambda _m, _a, n=name: inside.append((n, type(_m).__name__))))
+        hooks.append(m.register_forward_hook(leave))
+    try:
+        yield
     finally:
         for h in hooks:
             h.remove()
@@ -167,7 +189,7 @@ def _low_precision(model: nn.Module) -> bool:
 
 def experiment(model: nn.Module, example_inputs: Any, cuts, exact: bool,
                inside: Optional[List[Tuple[str, str]]] = None,
-               scopes: Optional[Scopes] = None) -> Tuple[Optional[Mismatch], nn.Module]:
+               scopes: Optional[Scopes] = None, reference: Any = None) -> Tuple[Optional[Mismatch], nn.Module]:
     """``(why masked and pruned outputs differ or None, the pruned copy)``.
 
     With ``scopes`` (:func:`.scope.capture`), the experiment runs on the innermost module that
@@ -184,7 +206,10 @@ def experiment(model: nn.Module, example_inputs: Any, cuts, exact: bool,
     For an exact group the outputs of the layers that read its channels (its ``"in"`` layers)
     are compared too, relative to their own magnitude: a wrong map there can be invisible at the
     model's output (a small randomly initialised transformer's attention barely moves its
-    logits)."""
+    logits).
+
+    ``reference``: the whole model's outputs on ``example_inputs`` (shape-only stand-ins), which a
+    shape check compares with instead of running an unmasked copy."""
     for host in scopes.hosts(model, [g for g, _ in cuts]) if scopes is not None else []:
         try:
             why, pruned = _experiment(host_model(model, host, scopes), (), cuts, exact, inside)
@@ -193,18 +218,19 @@ def experiment(model: nn.Module, example_inputs: Any, cuts, exact: bool,
         if why is None:
             return None, pruned
         # an output of the host that changes (per-head attention weights) may be one its caller drops
-    return _experiment(model, example_inputs, cuts, exact, inside)
+    return _experiment(model, example_inputs, cuts, exact, inside, reference)
 
 
 def _experiment(model: nn.Module, example_inputs: Any, cuts, exact: bool,
-                inside: Optional[List[Tuple[str, str]]]) -> Tuple[Optional[Mismatch], nn.Module]:
+                inside: Optional[List[Tuple[str, str]]], reference: Any = None) -> Tuple[Optional[Mismatch], nn.Module]:
     outs = {i.module for g, _ in cuts for i in g.items if i.role != "in"}
     consumers = sorted({i.module for g, _ in cuts for i in g.items
                         if i.role == "in" and i.module is not None and i.module not in outs}) if exact else []
 
     def run(dtype=None, inside=None) -> Tuple[Optional[Mismatch], nn.Module]:
         watch = {n: ([], []) for n in consumers}
-        a, b, pruned = mask_and_prune(model, example_inputs, cuts, inside, dtype, watch, mask=exact)
+        a, b, pruned = mask_and_prune(model, example_inputs, cuts, inside, dtype, watch, mask=exact,
+                                      reference=reference)
         why = compare(a, b, exact)
         for n, (got_m, got_p) in watch.items():
             if why is None:

@@ -104,3 +104,36 @@ def test_unknown_layer_named_in_skip_reason():
     # whatever is returned must be exact
     from etp_graph.testing import assert_prune_equivalent
     assert_prune_equivalent(m, X6, ignored_layers=[m[2]])
+
+
+class _Tokens(nn.Module):
+    """Linear layers on (batch, tokens, features): each runs as view → addmm → view; ``mix``
+    multiplies by a parameter of its own module with ``F.linear`` (no layer the backend knows)."""
+
+    def __init__(self, functional: bool = False):
+        super().__init__()
+        self.functional = functional
+        self.fc1, self.fc2, self.head = nn.Linear(6, 12), nn.Linear(12, 6), nn.Linear(6, 2)
+        self.mix = nn.Parameter(torch.randn(12, 12))
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if self.functional:
+            h = torch.nn.functional.linear(h, self.mix)
+        return self.head(self.fc2(h))
+
+
+def test_a_layers_own_product_is_no_unverified_op():
+    """Without validation the groups are the verified ones: the addmm inside a Linear on a 3-D
+    input is the layer's, not an op the channels pass through; a product with another
+    parameter still refuses the group without validation."""
+    x = torch.randn(2, 5, 6)
+    m = _Tokens()
+    checked = eg.trace(m, x, ignored_layers=[m.head])
+    fast = eg.trace(m, x, ignored_layers=[m.head], validate=False)
+    assert [(g.root, g.size) for g in fast.groups] == [(g.root, g.size) for g in checked.groups] == [("fc1", 12), ("fc2", 6)]
+    assert "Addmm" not in fast.groups[0].ops and not fast.unknown_ops and not fast.skipped
+    f = _Tokens(functional=True)
+    fast = eg.trace(f, x, ignored_layers=[f.head], validate=False)
+    assert not any(g.root == "fc1" for g in fast.groups)
+    assert any(s.root == "fc1" and "unverified ops" in s.reason for s in fast.skipped)
