@@ -233,6 +233,8 @@ def _units(entries: List[_Entry], roots: List[int], merges) -> List[List[int]]:
         if a in parent and b in parent:
             parent[find(a)] = find(b)
     for e in entries:  # root channels that reach the same local channel can only go together
+        if not e.period and not e.block and len(set(e.idxs)) == len(e.idxs):
+            continue   # every local channel from one root channel: nothing to join
         owner_of: Dict[int, int] = {}
         for i, r in zip(e.idxs, e.root_idxs):
             if r in parent:

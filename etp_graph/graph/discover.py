@@ -65,6 +65,21 @@ class _Union:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
+class _Flat(_Union):
+    """A union whose every element points at its root already (no path to follow)."""
+
+    def find(self, x: int) -> int:
+        return self.parent.get(x, x)
+
+
+def _isin_sorted(x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """``torch.isin(x, known)`` for a sorted ``known`` (a binary search, cheaper than isin's sort)."""
+    if not len(known):
+        return torch.zeros_like(x, dtype=torch.bool)
+    at = torch.searchsorted(known, x).clamp_(max=len(known) - 1)
+    return known[at] == x
+
+
 def _components(sh: Shadows) -> Tuple[_Union, Set[int]]:
     """The heads: ids joined by a batch slice of a product, or by a mix with such an id. Every
     id points to the smallest id of its component (connected components by label propagation,
@@ -77,8 +92,8 @@ def _components(sh: Shadows) -> Tuple[_Union, Set[int]]:
             edges.append(torch.stack([ids[:1].expand(len(ids)), ids]))
     known = torch.tensor(sorted(in_products), dtype=torch.long)
     for pairs in sh.mixed:
-        edges.append(pairs[:, torch.isin(pairs[0], known) | torch.isin(pairs[1], known)])
-    uf = _Union()
+        edges.append(pairs[:, _isin_sorted(pairs[0], known) | _isin_sorted(pairs[1], known)])
+    uf = _Flat()
     if not edges:
         return uf, in_products
     e = torch.cat(edges, dim=1)
@@ -121,16 +136,20 @@ def find_attention(sh: Shadows, model: nn.Module, graph, units: str, ignored: Se
     attentions: Dict[int, List[int]] = {}
     for r in heads:
         attentions.setdefault(link.find(r), []).append(r)
+    coords: Dict[int, int] = {}   # an id's place in its head (the first product's that places it)
+    for p in sh.products:
+        for g, j in p.coords.items():
+            coords.setdefault(g, j)
     out = []
     for comps in attentions.values():
         comps = sorted(comps, key=lambda r: min(heads[r]))
-        found = _one(sh, model, graph, units, ignored, uf, comps, touched, readers)
+        found = _one(sh, model, graph, units, ignored, uf, comps, touched, readers, coords)
         if found is not None:
             out.append(found)
     return out
 
 
-def _one(sh, model, graph, units, ignored, uf, comps, touched, readers) -> Optional[Attention]:
+def _one(sh, model, graph, units, ignored, uf, comps, touched, readers, coords) -> Optional[Attention]:
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     names = set().union(*(touched.get(r, set()) for r in comps))
     srcs = [s for s in sh.sources if s.name in names and s.module is not None]
@@ -160,10 +179,6 @@ def _one(sh, model, graph, units, ignored, uf, comps, touched, readers) -> Optio
         bad = [c for c, g in enumerate(sh.inputs[n].tolist()) if g < 0 or uf.find(g) not in comp_index]
         if bad:
             return refuse(f"input columns {bad[:6]} of {n!r} do not come from the attention's heads")
-    coords: Dict[int, int] = {}
-    for p in sh.products:
-        for g, j in p.coords.items():
-            coords.setdefault(g, j)
     head_of = {s.name: _per_head(s, uf, comp_index) for s in tables}
     head_of = {n: v for n, v in head_of.items() if v is not None}   # tables shared by the heads stay
     if units == "heads":
