@@ -60,15 +60,17 @@ def machine(device: str) -> Dict[str, Any]:
 @dataclasses.dataclass(frozen=True)
 class PlanOptions:
     """How every method of a run is cut (the same for all): ``ETPPruner``'s ``round_to``,
-    ``max_pruning_ratio`` and ``soft_cap`` (cells from before the soft cap existed ran without
+    ``max_pruning_ratio``, ``soft_cap`` and ``score`` (cells from before the soft cap existed ran without
     one: their files carry no ``-soft`` tag, as a run with ``--soft-cap none`` does)."""
 
     round_to: Optional[int] = None
     max_pruning_ratio: Optional[float] = None
     soft_cap: Optional[float] = None
+    score: str = "share"
 
     def tags(self) -> str:
         return ((f"-soft{self.soft_cap:g}" if self.soft_cap is not None else "")
+                + (f"-{self.score}" if self.score != "share" else "")
                 + (f"-r{self.round_to}" if self.round_to else "")
                 + (f"-m{self.max_pruning_ratio:g}" if self.max_pruning_ratio is not None else ""))
 
@@ -112,7 +114,7 @@ def _regularised(task: Task, method: methods_mod.Method, seed: int, speedup: flo
                           config=config or eg.ETPConfig(beta=0.0, **methods_mod.ETP_DEFAULTS),
                           target_speedup=speedup, round_to=plan.round_to, importance=method.importance(seed),
                           max_pruning_ratio=plan.max_pruning_ratio, soft_cap=plan.soft_cap,
-                          group_filter=task.group_filter(model))
+                          score=plan.score, group_filter=task.group_filter(model))
     hook = RegHook(pruner.regularizer, task.reg_mode, task.decay_scale) if config is not None else None
     saved = _regularised_path(task, method, seed)
     with clock("regularise"):
@@ -159,7 +161,9 @@ def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[f
                        "task": task.describe(), "budget": dataclasses.asdict(task.budget),
                        "reg_mode": task.reg_mode, "decay_scale": task.decay_scale,
                        "pruner": {**dataclasses.asdict(plan_options),
-                                  "planner": "ETPPruner.path (share of group importance per MAC)"},
+                                  "planner": f"ETPPruner.path ({plan_options.score}: a unit's share of its group's "
+                                             f"{'importance' if plan_options.score == 'share' else 'kept importance'}"
+                                             " per MAC)"},
                        "latency": {"repeat": latency_repeat, "inputs": _describe_inputs(lat_inputs)}},
             "wall_s": clock.wall}
 
@@ -188,6 +192,9 @@ def main(argv=None) -> int:
     p.add_argument("--soft-cap", default=str(eg.pruner.SOFT_CAP),
                    help="ETPPruner's soft_cap (default its own; 'none': one ranking for every unit, as "
                         "every cell run before 2026-12-03)")
+    p.add_argument("--score", default="share", choices=eg.pruner.SCORES,
+                   help="ETPPruner's score: a unit's share of its group's importance (default) or of what "
+                        "the group still keeps")
     p.add_argument("--separate", action="store_true",
                    help="a separate regularised training per speed-up (default: one training, a nested family)")
     p.add_argument("--beta", action="append", default=[],
@@ -217,7 +224,7 @@ def _run(args, argv, options: Dict[str, str], device: str) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     plan = PlanOptions(args.round_to, args.max_pruning_ratio,
-                       None if args.soft_cap.lower() == "none" else float(args.soft_cap))
+                       None if args.soft_cap.lower() == "none" else float(args.soft_cap), args.score)
     todo = [(m, s) for s in seeds for m in chosen
             if args.force or not cell_path(out, task.name, args.budget, m.name, s, plan, args.separate, betas.get(m.name)).is_file()]
     if distributed.world_size() > 1 and any(m.name == "torch-pruning" for m, _ in todo):
@@ -243,7 +250,7 @@ def _run(args, argv, options: Dict[str, str], device: str) -> int:
                        "beta_override": betas.get(method.name),
                        "options": options, "round_to": plan.round_to,
                        "max_pruning_ratio": plan.max_pruning_ratio, "soft_cap": plan.soft_cap,
-                       "commit": commit(),
+                       "score": plan.score, "commit": commit(),
                        "machine": machine(device), "date": time.strftime("%Y-%m-%d %H:%M"),
                        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])})
         result["wall_s"]["total"] = round(time.perf_counter() - t0, 1)

@@ -38,6 +38,8 @@ T = TypeVar("T")
 #: The default soft cap: no group loses more than three quarters of its units while a target can
 #: be reached otherwise (ResNet-56 and Informer, every method: docs/results.md)
 SOFT_CAP = 0.75
+#: the planner's unit costs (``ETPPruner(score=...)``)
+SCORES = ("share", "kept")
 
 __all__ = ["ETPPruner", "PrunePlan", "PruneReport", "GroupResult"]
 
@@ -134,6 +136,12 @@ class ETPPruner:
     step at a time. Without it the planner's per-MAC ranking empties the MAC-cheapest wide group
     first (a residual stream, a transformer's embedding width: measured, every method loses there;
     docs/results.md). ``None``: one ranking for every unit (every group down to one unit).
+    ``score`` (``target_speedup`` only): what a unit's removal costs, per MAC it saves:
+    ``"share"`` (default), its share of its group's total importance; ``"kept"``, its share of
+    what its group still keeps when it goes (its importance over the sum of its own and every
+    unit removed after it), which grows as a group thins: the costs of a group's removals add
+    up to about ``-log`` of the fraction of its importance kept, so a plan weighs a group
+    halved twice like two groups halved once, instead of emptying the cheapest one.
     ``max_pruning_ratio`` (``target_speedup`` only): a hard cap: remove at most this fraction of
     any group's units (a target past it is unreachable).
     ``group_filter``: only the groups for which it returns ``True`` are regularised and pruned;
@@ -157,7 +165,7 @@ class ETPPruner:
                  config: Optional[ETPConfig] = None, pruning_ratio: Optional[float] = None,
                  target_speedup: Optional[float] = None, threshold: Optional[float] = None,
                  attention_units: str = "heads", max_pruning_ratio: Optional[float] = None,
-                 soft_cap: Optional[float] = SOFT_CAP,
+                 soft_cap: Optional[float] = SOFT_CAP, score: str = "share",
                  group_filter: Optional[Callable[[CoupledGroup], bool]] = None, round_to: Optional[int] = None,
                  importance: Optional[Callable[[CoupledGroup], torch.Tensor]] = None, uniform: bool = False,
                  outputs: Optional[Sequence[Any]] = None, time_limit: Optional[float] = TIME_LIMIT):
@@ -189,6 +197,9 @@ class ETPPruner:
         if soft_cap is not None and not 0 < soft_cap < 1:
             raise ValueError(f"soft_cap must be None or in (0, 1), got {soft_cap}")
         self.soft_cap = soft_cap
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        self.score = score
         if group_filter is not None and not callable(group_filter):
             raise TypeError(f"group_filter must be a callable taking a CoupledGroup, got {type(group_filter).__name__}")
         self.group_filter = group_filter
@@ -322,18 +333,27 @@ class ETPPruner:
                 # a unit's share of its group's importance, per MAC it saves: a head (1 of 12) and
                 # an FFN unit (1 of 1536) compare by the part of their group's work they do, so
                 # neither kind is cut first just because its units are wide or narrow
-                ranked.append((g, order, imp / imp.sum().clamp_min(torch.finfo(imp.dtype).tiny)))
+                ranked.append((g, order, self._costs(imp, order)))
             size = block[0].size
             cap = size - 1 if self.max_pruning_ratio is None else int(size * self.max_pruning_ratio)
             last = 0.0
             for k in range(min(cap, size - 1)):   # keep at least one unit per group
-                share = sum(float(rel[order[k]]) for _, order, rel in ranked)
+                share = sum(float(rel[k]) for _, _, rel in ranked)
                 if any(g.ordered for g in block):   # never before the unit that must go first
                     share = last = max(share, last)
                 candidates.append((self._tier(k, size), share / max(saved, 1) * base, k,
                                    tuple((g.id, order[k]) for g, order, _ in ranked)))
         candidates.sort(key=lambda c: c[:3])
         return [c[1:] for c in candidates]
+
+    def _costs(self, imp: torch.Tensor, order: List[int]) -> torch.Tensor:
+        """``Tensor[size]``: the cost of the ``k``-th removal of a group (in removal ``order``),
+        before it is divided by the MACs it saves (see ``score``)."""
+        if self.score == "share":
+            return (imp / imp.sum().clamp_min(torch.finfo(imp.dtype).tiny))[order]
+        mine = imp[order].double().clamp_min(0)
+        left = mine.flip(0).cumsum(0).flip(0)   # what the group keeps just before the k-th removal
+        return (mine / left.clamp_min(torch.finfo(torch.float64).tiny)).float()
 
     def _tier(self, k: int, size: int) -> int:
         """The soft cap's step of a group's ``k``-th removal (0-based): 0 while the group keeps

@@ -300,3 +300,21 @@ def test_soft_cap_out_of_range_is_refused():
     model, x = _resnet56()
     with pytest.raises(ValueError, match="soft_cap must be None or in"):
         eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=2.0, soft_cap=1.0)
+
+
+def test_the_kept_score_grows_as_a_group_thins():
+    model, x = _resnet56()
+    kept = eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=2.0, score="kept")
+    share = eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=2.0)
+    imp, order = torch.tensor([2.0, 1.0, 1.0, 4.0]), [1, 2, 0, 3]
+    assert kept._costs(imp, order).tolist() == pytest.approx([1 / 8, 1 / 7, 2 / 6, 1.0])
+    assert share._costs(imp, order).tolist() == pytest.approx([1 / 8, 1 / 8, 2 / 8, 4 / 8])
+    # a group's removals cost more as it thins, so the plans differ; every target is still
+    # reached by one nested family
+    p2, p4, p8 = kept.path([2.0, 4.0, 8.0])
+    assert p2.removed != share.path([2.0])[0].removed
+    assert p8.speedup >= 8.0 * 0.97
+    for a, b in ((p2, p4), (p4, p8)):
+        assert all(set(a.removed.get(g, [])) <= set(b.removed.get(g, [])) for g in a.removed)
+    with pytest.raises(ValueError, match="score must be one of"):
+        eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=2.0, score="log")

@@ -110,6 +110,9 @@ def test_max_pruning_ratio_caps_every_group_for_every_method(cells):
     assert kept and all(n >= 16 - int(16 * 0.6) for n in kept.values()), kept   # 16-unit groups
     assert run.cell_path(out, "t", "quick", "etp", 0, run.PlanOptions(8, 0.5)).name == "etp-s0-r8-m0.5.json"
     assert run.cell_path(out, "t", "quick", "etp", 0, run.PlanOptions(None, None, 0.75)).name == "etp-s0-soft0.75.json"
+    assert run.cell_path(out, "t", "quick", "etp", 0, run.PlanOptions(None, None, 0.75, "kept")).name == \
+        "etp-s0-soft0.75-kept.json"
+    assert report._key({"task": "t", "budget": "quick", "soft_cap": 0.75, "score": "kept"}) == ("t", "quick", "score kept")
 
 
 def test_a_saved_regularised_model_gives_the_same_cell(cells, tmp_path, monkeypatch):
