@@ -423,7 +423,9 @@ class ETPPruner:
             # (galloping out from the guess until the bracket lo < n <= hi holds, then bisecting)
             guess = _bisect(floor, len(candidates), lambda n: base / max(costs.predict(self._prefix(candidates, n)), 1) >= t)
             lo, hi, step = floor, len(candidates), 1
-            if reaches(guess, t):
+            if reaches(guess, t) and macs(guess) == costs.predict(self._prefix(candidates, guess)):
+                lo = hi = guess   # the prediction is exact here: its shortest prefix is the count's
+            elif reaches(guess, t):
                 hi = guess
                 while hi - step > floor and reaches(hi - step, t):
                     hi, step = hi - step, step * 2
