@@ -307,9 +307,9 @@ def _check_all(model: nn.Module, example_inputs, groups: List[CoupledGroup], sco
     then refuses only the groups not recorded).
 
     First all groups together (their sampled units cut at once, in one masked and one pruned
-    twin): a model whose groups all hold costs two forwards. Where that disagrees, a group whose
-    cut stays inside one module is checked on that module alone (:mod:`.scope`), and the others
-    are halved until each failing one stands alone. Exact and shape-checked groups are never
+    twin): a model whose groups all hold costs two forwards (a shape check given ``reference``:
+    one). Where that disagrees, a group whose cut stays inside one module is checked on that
+    module alone (:mod:`.scope`), and the others are halved until each failing one stands alone. Exact and shape-checked groups are never
     mixed; a group alone gets :func:`check_group`'s reason. ``reference``: the model's outputs
     (shapes), standing in for the unmasked copy of a shape check."""
     if not groups:
