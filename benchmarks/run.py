@@ -60,8 +60,8 @@ def machine(device: str) -> Dict[str, Any]:
 @dataclasses.dataclass(frozen=True)
 class PlanOptions:
     """How every method of a run is cut (the same for all): ``ETPPruner``'s ``round_to``,
-    ``max_pruning_ratio``, ``soft_cap`` and ``score`` (cells from before the soft cap existed ran without
-    one: their files carry no ``-soft`` tag, as a run with ``--soft-cap none`` does)."""
+    ``max_pruning_ratio``, ``soft_cap`` and ``score`` (cells from before the soft cap existed
+    ran without one: their files carry no ``-soft`` tag, as a run with ``--soft-cap none`` does)."""
 
     round_to: Optional[int] = None
     max_pruning_ratio: Optional[float] = None
@@ -88,6 +88,11 @@ def _reachable(pruner: eg.ETPPruner, speedups: List[float]) -> List[float]:
     if len(kept) < len(speedups) and (not kept or best * 0.98 > kept[-1] * 1.1):
         kept.append(float(f"{best * 0.98:.2f}"))
     return sorted(set(kept))
+
+
+#: what the planner's ``score`` charges a removal, for the cell's configuration
+_SCORED = {"share": "a unit's share of its group's importance",
+           "kept": "a unit's share of the importance its group still keeps"}
 
 
 def _regularised_path(task: Task, method: methods_mod.Method, seed: int) -> Path:
@@ -161,9 +166,7 @@ def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[f
                        "task": task.describe(), "budget": dataclasses.asdict(task.budget),
                        "reg_mode": task.reg_mode, "decay_scale": task.decay_scale,
                        "pruner": {**dataclasses.asdict(plan_options),
-                                  "planner": f"ETPPruner.path ({plan_options.score}: a unit's share of its group's "
-                                             f"{'importance' if plan_options.score == 'share' else 'kept importance'}"
-                                             " per MAC)"},
+                                  "planner": f"ETPPruner.path ({_SCORED[plan_options.score]} per MAC)"},
                        "latency": {"repeat": latency_repeat, "inputs": _describe_inputs(lat_inputs)}},
             "wall_s": clock.wall}
 

@@ -330,9 +330,9 @@ class ETPPruner:
                 imp, order = self._ranked(g)
                 order = order.tolist()
                 saved += costs.saved_by_one(g.id)
-                # a unit's share of its group's importance, per MAC it saves: a head (1 of 12) and
-                # an FFN unit (1 of 1536) compare by the part of their group's work they do, so
-                # neither kind is cut first just because its units are wide or narrow
+                # a unit's share of its group's importance (``score``), per MAC it saves: a head (1
+                # of 12) and an FFN unit (1 of 1536) compare by the part of their group's work they
+                # do, so neither kind is cut first just because its units are wide or narrow
                 ranked.append((g, order, self._costs(imp, order)))
             size = block[0].size
             cap = size - 1 if self.max_pruning_ratio is None else int(size * self.max_pruning_ratio)
@@ -424,7 +424,8 @@ class ETPPruner:
             guess = _bisect(floor, len(candidates), lambda n: base / max(costs.predict(self._prefix(candidates, n)), 1) >= t)
             lo, hi, step = floor, len(candidates), 1
             if reaches(guess, t) and macs(guess) == costs.predict(self._prefix(candidates, guess)):
-                lo = hi = guess   # the prediction is exact here: its shortest prefix is the count's
+                # fvcore confirms the guess; the prediction, exact here, says one less does not reach
+                lo = hi = guess
             elif reaches(guess, t):
                 hi = guess
                 while hi - step > floor and reaches(hi - step, t):
