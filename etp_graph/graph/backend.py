@@ -34,7 +34,7 @@ from torch_pruning.pruner import function as tp_function
 
 from ..handlers import get_handler, registered_handlers
 from ..handlers.base import LayerHandler
-from .inputs import Outputs, flat_tensors
+from .inputs import LayerCalls, Outputs, flat_tensors
 
 __all__ = ["Backend", "NodeFacts", "build_backend"]
 
@@ -62,6 +62,8 @@ class Backend:
         #: the model's outputs at the trace (floating ones as shape-only stand-ins): what a shape
         #: check compares a pruned copy's outputs with
         self.outputs: Optional[List[torch.Tensor]] = None
+        #: the Linears the model calls through their parameters (``F.linear(x, m.weight, m.bias)``)
+        self.layer_calls: frozenset = frozenset()
 
     def facts(self, node) -> NodeFacts:
         return self._facts.setdefault(node, NodeFacts())
@@ -279,8 +281,11 @@ def build_backend(model: nn.Module, example_inputs: Any, backend: Optional[Backe
                 backend.outputs = [_shape_only(t) if t.is_floating_point() else t.detach().clone()
                                    for t in flat_tensors(out)]
                 return _traced_outputs(out)
-            backend.dg.build_dependency(model, inputs, customized_pruners=_leaf_pruners(model),
-                                        output_transform=transform, verbose=False)
+            calls = LayerCalls(model)   # entered before the backend's hooks: the user's own are seen
+            with calls:
+                backend.dg.build_dependency(model, inputs, customized_pruners=_leaf_pruners(model),
+                                            output_transform=transform, verbose=False)
+            backend.layer_calls = frozenset(calls.called)
     for node in backend.dg.module2node.values():
         if node.grad_fn in recorder.shapes:
             backend.facts(node).shape = recorder.shapes[node.grad_fn]

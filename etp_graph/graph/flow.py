@@ -59,6 +59,23 @@ adaptive_max_pool3d avg_pool1d avg_pool2d avg_pool3d max_pool1d max_pool2d max_p
 mean sum amax amin nanmean interpolate upsample pad dropout dropout1d dropout2d dropout3d
 """.split())
 
+#: reductions among them: ``dim`` and ``keepdim`` say where the channels go
+_REDUCTIONS = frozenset("mean sum amax amin nanmean".split())
+
+
+def _reduced_axis(d: int, rank: int, args, kwargs) -> Optional[int]:
+    """Where channel axis ``d`` of a rank-``rank`` input lands after a reduction (``None`` when
+    it is reduced, or when the call names no dims: everything is reduced)."""
+    dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if dims is None:
+        return None
+    dims = {int(k) % rank for k in ((dims,) if isinstance(dims, int) else dims)}
+    if d in dims:
+        return None
+    keep = kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False)
+    return d if keep else d - sum(1 for k in dims if k < d)
+
+
 #: Partial sums a balancing search may hold before it gives up (the group is then not offered).
 BALANCE_STATES = 50_000
 #: Element ids of fixed tables start here (below the shadow run's pair key), after every channel's
@@ -131,11 +148,17 @@ class _FlowRun(_Run):
         if len(shadowed) != 1:
             return
         s = shadowed[0][1]
-        d = _axis(s)
-        # a pool, a mean over space, an interpolation: the channels stay where they were
-        if d is not None and d < out.dim() and tuple(out.shape[:d + 1]) == tuple(s.shape[:d + 1]):
+        d = at = _axis(s)
+        if d is None:
+            return
+        if name in _REDUCTIONS:   # a reduction over dims before the channels moves them up
+            at = _reduced_axis(d, s.dim(), args, kwargs)
+            same = at is not None and at < out.dim() and out.shape[at] == s.shape[d]
+        else:   # a pool, a mean over space, an interpolation: the channels stay where they were
+            same = d < out.dim() and tuple(out.shape[:d + 1]) == tuple(s.shape[:d + 1])
+        if same:
             ids = _along(s, d)
-            self.put(out, ids.view([-1 if k == d else 1 for k in range(out.dim())]).expand(out.shape).clone())
+            self.put(out, ids.view([-1 if k == at else 1 for k in range(out.dim())]).expand(out.shape).clone())
 
     def _structural(self, func, args, kwargs, out) -> None:
         name = getattr(func, "__name__", "")

@@ -158,6 +158,39 @@ def _shuffle_source(bk: Backend, node):
     return None
 
 
+def _channel_last(bk: Backend, node) -> bool:
+    """Are ``node``'s channels its last dimension? The nearest layer upstream writes them last
+    (a Linear, a LayerNorm: ``(B, H, W, C)`` maps, ``(B, L, C)`` tokens) and nothing in between
+    moves the last dimension: permutes and transposes that keep it, reshapes that keep its size
+    (row-major order keeps element ``[…, c]`` at channel ``c`` through any such reshape)."""
+    seen, stack, found = {node}, [node], False
+    while stack:
+        n = stack.pop()
+        m = n.module
+        h = get_handler(m) if isinstance(m, nn.Module) else None
+        if h is not None:
+            if not h.channel_last:
+                return False
+            found = True
+            continue
+        rank = len(bk.shape(n) or ())
+        if not rank:
+            return False
+        if n.grad_fn is not None and op_name(n.grad_fn) in DIM_MOVES:
+            mv = _moves(n.grad_fn)
+            if mv is None or (mv[0] == "swap" and rank - 1 in {saved_dim(mv[1], rank), saved_dim(mv[2], rank)}) or (
+                    mv[0] != "swap" and saved_dim(mv[-1], rank) != rank - 1):
+                return False
+        elif n.type == tp_ops.OPTYPE.RESHAPE:
+            if not n.inputs or (bk.shape(n.inputs[0]) or (None,))[-1] != bk.shape(n)[-1]:
+                return False
+        for p in n.inputs:
+            if p not in seen:
+                seen.add(p)
+                stack.append(p)
+    return found
+
+
 def _reshape_shapes(bk: Backend):
     """``{node: (in_shape, out_shape)}`` of the reshapes on channel-first tensors; the
     channel-splitting views among them are owned and marked on the way (the merges need them)."""
@@ -167,7 +200,13 @@ def _reshape_shapes(bk: Backend):
         out, inp = bk.shape(node), bk.shape(node.inputs[0])
         if inp is None and hasattr(node.grad_fn, "_saved_self_sym_sizes"):
             inp = tuple(int(v) for v in node.grad_fn._saved_self_sym_sizes)
-        if out is None or inp is None or len(inp) < 2 or len(out) < 2 or inp[0] != out[0]:
+        if out is None or inp is None or len(inp) < 2 or len(out) < 2:
+            continue
+        if len(inp) >= 3 and inp[-1] == out[-1] and _channel_last(bk, node.inputs[0]):
+            bk.own(node)   # channels last, and the reshape keeps them (window partitions): identity
+            _set_maps(node, node.inputs[0], None, None)
+            continue
+        if inp[0] != out[0]:
             continue
         if len(inp) == 3 and channel_dim(node.inputs[0], 3) != 1:
             continue  # 3-D (B, L, C) token tensors keep the backend's map

@@ -6,12 +6,18 @@ arguments) or a dict (keyword arguments), everywhere in the library.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+import contextvars
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["check_example_inputs", "as_call", "forward", "flat_tensors", "eval_mode", "Outputs", "OutputsError"]
+from ..handlers import get_handler
+
+__all__ = ["check_example_inputs", "as_call", "forward", "flat_tensors", "eval_mode", "Outputs", "OutputsError",
+           "LayerCalls", "layer_calls"]
 
 
 def check_example_inputs(example_inputs: Any) -> None:
@@ -63,10 +69,90 @@ def as_call(example_inputs: Any) -> Tuple[tuple, Dict[str, Any]]:
 
 
 def forward(model: nn.Module, example_inputs: Any) -> Any:
-    """Call ``model`` the way ``example_inputs`` says: Tensor, positional tuple/list, or kwargs dict."""
+    """Call ``model`` the way ``example_inputs`` says: Tensor, positional tuple/list, or kwargs dict.
+
+    Inside :func:`layer_calls` (a trace), the layers the model calls through their parameters
+    run as calls of the layer (:class:`LayerCalls`)."""
     args, kwargs = as_call(example_inputs)
-    out = model(*args, **kwargs)
+    names = _LAYER_CALLS.get()
+    with LayerCalls(model, names) if names else contextlib.nullcontext():
+        out = model(*args, **kwargs)
     return example_inputs.select(out) if isinstance(example_inputs, Outputs) else out
+
+
+#: the layers a traced model calls through their parameters (by name), while its trace runs
+_LAYER_CALLS: contextvars.ContextVar[FrozenSet[str]] = contextvars.ContextVar("etp_graph_layer_calls",
+                                                                             default=frozenset())
+
+
+@contextlib.contextmanager
+def layer_calls(names: FrozenSet[str]) -> Iterator[None]:
+    """Every :func:`forward` inside runs the layers ``names`` as :class:`LayerCalls` does."""
+    token = _LAYER_CALLS.set(frozenset(names))
+    try:
+        yield
+    finally:
+        _LAYER_CALLS.reset(token)
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+
+
+class LayerCalls(TorchFunctionMode):
+    """``F.linear(x, m.weight, m.bias)`` of an ``nn.Linear`` ``m`` called where no layer runs
+    (torchvision's Swin attention applies ``self.qkv.weight`` so: the Linear's forward never runs)
+    runs as ``m(x)``: the same values, and every hook on ``m`` (the backend's graph, the shadow
+    and flow runs) sees a call of the layer, so its channels are followed like any Linear's.
+
+    ``names``: the layers to redirect (``None``: every plain Linear without hooks of its own, as
+    the backend's trace looks for them); :attr:`called` holds those that were. Enter it last (the
+    innermost mode): the modes entered before see the redirected call's own ops."""
+
+    def __init__(self, model: nn.Module, names: Optional[FrozenSet[str]] = None):
+        super().__init__()
+        self._owners: Dict[int, Tuple[str, nn.Module]] = {
+            id(m.weight): (n, m) for n, m in model.named_modules() if _plain_linear(m) and (
+                n in names if names is not None else not (m._forward_hooks or m._forward_pre_hooks))}
+        self._layers = [m for m in model.modules() if _has_handler(m)]
+        self._running = 0
+        self._hooks: List[Any] = []
+        self.called: Set[str] = set()
+
+    def __enter__(self):
+        if self._owners:   # a layer's own forward (or a handled module's) calls F.linear itself
+            for m in self._layers:
+                self._hooks.append(m.register_forward_pre_hook(self._enter))
+                self._hooks.append(m.register_forward_hook(self._leave, always_call=True))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        return super().__exit__(*exc)
+
+    def _enter(self, *_):
+        self._running += 1
+
+    def _leave(self, *_):
+        self._running -= 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and not self._running and self._owners:
+            x, weight = (args + (None, None))[:2] if args else (kwargs.get("input"), None)
+            weight = kwargs.get("weight", weight)
+            bias = kwargs.get("bias", args[2] if len(args) > 2 else None)
+            hit = self._owners.get(id(weight))
+            if hit is not None and hit[1].weight is weight and bias is hit[1].bias and isinstance(x, torch.Tensor):
+                self.called.add(hit[0])
+                return hit[1](x)
+        return func(*args, **kwargs)
+
+
+def _has_handler(m: nn.Module) -> bool:
+    return get_handler(m) is not None
 
 
 def flat_tensors(out: Any) -> List[torch.Tensor]:

@@ -15,6 +15,7 @@ Every op the channels pass through is mapped, declared harmless (:mod:`.ops`), o
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import re
@@ -35,7 +36,8 @@ from .graph import ChannelGraph, SkippedGroup, layer_graph
 from .group import CoupledGroup
 from ..log import log, phase, progress
 from .index_maps import map_indices
-from .inputs import Outputs, OutputsError, as_call, check_example_inputs, eval_mode, flat_tensors, forward
+from .inputs import (Outputs, OutputsError, as_call, check_example_inputs, eval_mode, flat_tensors, forward,
+                     layer_calls)
 from .ops import HARMLESS_OPS, MAPPED_OPS, PRODUCT_OPS, REDUCTIONS, op_name
 from .scope import common_prefix, capture, touched
 from .shadow import shadow_run
@@ -110,7 +112,7 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
     if attention_units not in UNIT_KINDS:
         raise ValueError(f"attention_units must be one of {UNIT_KINDS}, got {attention_units!r}")
     bk = Backend(tp.DependencyGraph())
-    with eval_mode(model), bk.tolerant():
+    with eval_mode(model), bk.tolerant(), contextlib.ExitStack() as stack:
         try:
             with phase(f"trace {type(model).__name__}: backend graph"):
                 build_backend(model, example_inputs, bk)
@@ -119,6 +121,7 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
             raise
         map_indices(bk)
         graph = ChannelGraph(model)
+        stack.enter_context(layer_calls(bk.layer_calls))   # every later forward of the trace
         budget = Budget(time_limit, step_limit(len(bk.dg.module2node)), _widest(model, bk))
         try:
             with phase(f"trace {type(model).__name__}: groups"), bounded(budget):

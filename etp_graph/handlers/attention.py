@@ -16,7 +16,8 @@ projections' input columns, the output projection's rows) is the module's ``"in"
 coupled to the rest of the model by the tracer.
 
 Families: ``nn.MultiheadAttention`` (and so ``nn.TransformerEncoderLayer``/``DecoderLayer``),
-hand-written ViT attention with a fused ``qkv`` Linear (``qkv``, ``proj``, ``num_heads``),
+hand-written ViT attention with a fused ``qkv`` Linear (``qkv``, ``proj``, ``num_heads``, where
+its forward is the standard one),
 Hugging Face BERT-style ``…Attention`` blocks (``self.query/key/value``, ``output.dense``,
 ``output.LayerNorm``), and Informer / Time-Series-Library ``AttentionLayer``
 (``query/key/value/out_projection``, ``n_heads``); the last two, whose forward reads the sizes
@@ -30,6 +31,7 @@ Verification at trace time compares the original forward (masked) with the repla
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict
 
 import torch
@@ -186,20 +188,65 @@ def _fused_qkv_forward(self, x):
 
 
 _FUSED_CLASSES: Dict[type, type] = {}
+#: per class and plain attributes (:func:`_config_key`): does :func:`_fused_qkv_forward` compute
+#: what the module's own forward does?
+_COMPUTES_THE_SAME: Dict[tuple, bool] = {}
+
+
+def _config_key(m: nn.Module) -> tuple:
+    plain = (int, float, bool, str, type(None))
+    return (type(m),) + tuple(sorted((k, v) for k, v in vars(m).items()
+                                     if isinstance(v, plain) and k != "training"))
+
+
+@torch.no_grad()
+def _same_as_fused(m: nn.Module, head_dim: int) -> bool:
+    """Does the standard fused-qkv forward give the module's own output on a random ``(1, 5, C)``
+    input? Run on a float64 copy without hooks and torch-function modes (a trace may be running
+    around it), in eval mode; the user's random state is not touched."""
+    try:
+        # copied without the hooks (a trace's hold its graph): each hook dict copies as an empty one
+        memo = {id(d): type(d)() for sub in m.modules() for d in (
+            sub._forward_hooks, sub._forward_pre_hooks, sub._forward_hooks_with_kwargs,
+            sub._forward_pre_hooks_with_kwargs, sub._forward_hooks_always_called, sub._backward_hooks,
+            sub._backward_pre_hooks)}
+        c = copy.deepcopy(m, memo).double().eval()
+        c.etp_head_dim, c.etp_scale = head_dim, float(getattr(m, "scale", head_dim ** -0.5))
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 5, m.qkv.in_features, generator=gen, dtype=torch.float64)
+        with torch._C.DisableTorchFunction():
+            own = type(m).forward(c, x)
+            ours = _fused_qkv_forward(c, x)
+        return isinstance(own, torch.Tensor) and own.shape == ours.shape and bool(
+            torch.allclose(own, ours, rtol=1e-9, atol=1e-12))
+    except Exception:   # a forward that does not take (B, N, C) alone is not this family
+        return False
 
 
 @register_handler
 class FusedQKVAttentionHandler(HeadedAttention):
     """A hand-written ViT attention: ``qkv = Linear(C, 3C)`` reshaped to ``(B, N, 3, H, C/H)``,
     softmax(q·kᵀ·scale)·v, ``proj = Linear(C, C)``; found by structure (``qkv``, ``proj``,
-    ``num_heads``)."""
+    ``num_heads``), and claimed only where the standard forward that a cut gives it computes the
+    module's own output (a float64 copy on a random input, once per class and configuration):
+    a module with those names and another forward (torchvision's Swin window attention) is left
+    to the trace, which finds its heads and joins them with the width its forward ties them to."""
 
     module_types = ()
 
     def matches(self, m):
         qkv, proj, H = getattr(m, "qkv", None), getattr(m, "proj", None), getattr(m, "num_heads", None)
-        return (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(H, int)
-                and H > 0 and qkv.out_features == 3 * proj.in_features and proj.in_features % H == 0)
+        if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(H, int)
+                and H > 0 and qkv.out_features == 3 * proj.in_features and proj.in_features % H == 0):
+            return False
+        if getattr(m, "etp_surgery", None) == "fused_qkv":
+            return True
+        # the names are a guess: ours only where the forward it would get computes what the
+        # module's own does (torchvision's Swin has qkv, proj and num_heads, and windows)
+        key = _config_key(m)
+        if key not in _COMPUTES_THE_SAME:
+            _COMPUTES_THE_SAME[key] = _same_as_fused(m, self._head_dim(m))
+        return _COMPUTES_THE_SAME[key]
 
     def _head_dim(self, m):
         return getattr(m, "etp_head_dim", None) or m.proj.in_features // m.num_heads

@@ -123,6 +123,43 @@ class _Tokens(nn.Module):
         return self.head(self.fc2(h))
 
 
+class _ThroughParameters(nn.Module):
+    """A block that applies its Linears through their parameters (``F.linear(x, fc.weight,
+    fc.bias)``, as torchvision's Swin attention does): their forwards never run. ``other_bias``:
+    ``fc1`` gets a bias that is not its own (the call is then no call of the layer)."""
+
+    def __init__(self, other_bias: bool = False):
+        super().__init__()
+        self.other_bias = other_bias
+        self.inp, self.fc1, self.fc2, self.head = nn.Linear(4, 8), nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        t = self.inp(x)
+        b1 = self.fc1.bias * 2 if self.other_bias else self.fc1.bias
+        h = F.relu(F.linear(t, self.fc1.weight, b1))
+        return self.head(t + F.linear(h, self.fc2.weight, self.fc2.bias))
+
+
+def test_a_layer_called_through_its_parameters_is_traced_as_a_call():
+    x = torch.randn(2, 5, 4)
+    m = _ThroughParameters()
+    before = snapshot(m, x)
+    g = eg.trace(m, x, ignored_layers=[m.head])
+    assert sorted((gr.root, gr.size, gr.exact) for gr in g.groups) == [("fc1", 16, True), ("inp", 8, True)]
+    assert not g.skipped
+    assert_unchanged(m, before, x)
+    assert not m.fc1._forward_hooks and not m.fc1._forward_pre_hooks   # the trace's hooks are gone
+    from etp_graph.testing import assert_prune_equivalent
+    assert {c.checked for c in assert_prune_equivalent(m, x, ignored_layers=[m.head])} == {"values"}
+    # another bias: not the layer's call, so neither the block's width nor fc1's units are offered
+    o = _ThroughParameters(other_bias=True)
+    g = eg.trace(o, x, ignored_layers=[o.head])
+    assert not any(gr.root in ("inp", "fc1") for gr in g.groups)
+    assert {s.root for s in g.skipped} >= {"inp"} and all(s.reason for s in g.skipped)
+    assert_prune_equivalent(o, x, ignored_layers=[o.head])
+
+
 def test_a_layers_own_product_is_no_unverified_op():
     """Without validation the groups are the verified ones: the addmm inside a Linear on a 3-D
     input is the layer's, not an op the channels pass through; a product with another

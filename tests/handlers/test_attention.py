@@ -249,3 +249,69 @@ def test_save_and_load_a_pruned_attention_model(tmp_path):
         assert type(whole) is type(model)
         with torch.no_grad():
             torch.testing.assert_close(whole(x), model(x))
+
+
+class WindowAttention(nn.Module):
+    """Swin-style (torchvision's ``shifted_window_attention``, no shift): ``qkv`` and ``proj``
+    applied through their parameters, windows cut out of a ``(B, H, W, C)`` map, the head size
+    read from the input width, and a per-head bias table: ``qkv``, ``proj`` and ``num_heads``
+    like a ViT's fused attention, another forward."""
+
+    def __init__(self, dim, num_heads, window=2):
+        super().__init__()
+        self.num_heads, self.window = num_heads, window
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.bias_table = nn.Parameter(0.1 * torch.randn(window * window, window * window, num_heads))
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        w = self.window
+        t = x.view(B, H // w, w, W // w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, C)
+        qkv = F.linear(t, self.qkv.weight, self.qkv.bias)
+        qkv = qkv.reshape(t.size(0), w * w, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        a = (q * (C // self.num_heads) ** -0.5) @ k.transpose(-2, -1) + self.bias_table.permute(2, 0, 1)
+        t = (a.softmax(-1) @ v).transpose(1, 2).reshape(t.size(0), w * w, C)
+        t = F.linear(t, self.proj.weight, self.proj.bias)
+        return t.view(B, H // w, W // w, w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+
+
+class TinySwin(nn.Module):
+    def __init__(self, norm=True):
+        super().__init__()
+        make = (lambda: nn.LayerNorm(16)) if norm else nn.Identity
+        self.patch, self.norm0 = nn.Conv2d(3, 16, 2, stride=2), make()
+        self.norm1, self.attn = make(), WindowAttention(16, 4)
+        self.norm2, self.fc1, self.fc2 = make(), nn.Linear(16, 24), nn.Linear(24, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        t = self.norm0(self.patch(x).permute(0, 2, 3, 1))
+        t = t + self.attn(self.norm1(t))
+        t = t + self.fc2(F.gelu(self.fc1(self.norm2(t))))
+        return self.head(t.mean((1, 2)))
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_a_window_attention_named_like_a_vit_goes_with_its_width(norm):
+    """The fused-qkv handler claims a module by its names only where its replacement forward
+    computes what the module's own does; this one's forward (windows, a bias table, the head
+    size from the input width) is other, so its heads are found from the trace, joined with the
+    width they must equal (a head goes with 4 channels of it), and the bias table is cut with
+    its heads. ``qkv``/``proj`` run as ``F.linear`` on their parameters: followed all the same."""
+    torch.manual_seed(6)
+    net = TinySwin(norm).eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert eg.handlers.get_handler(net.attn) is None
+    assert eg.handlers.get_handler(ViTAttention(16, 4)) is not None   # the ViT attention stays ours
+    graph = eg.trace(net, x, ignored_layers=[net.head])
+    assert not graph.skipped, graph.table()
+    (joined,) = [g for g in graph.groups if any(it.module == "attn.qkv" for it in g.items)]
+    assert joined.size == 4 and joined.exact is (not norm)
+    assert {it.module for it in joined.items} >= {"patch", "attn.qkv", "attn.proj", "fc1", "fc2"}
+    assert sorted(g.size for g in graph.groups) == [4, 24]
+    checks = assert_prune_equivalent(net, x, ignored_layers=[net.head])
+    assert {c.checked for c in checks} == ({"shape", "values"} if norm else {"values"})
+    joined.prune([1])
+    assert net.attn.num_heads == 3 and net.attn.bias_table.shape == (4, 4, 3)
+    assert net.patch.out_channels == 12 and net(x).shape == (2, 5)
