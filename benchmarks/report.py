@@ -37,6 +37,8 @@ def _key(cell) -> Tuple[str, str, str]:
     cap = cell.get("soft_cap")     # cells from before the soft cap existed ran without one
     if cap != SOFT_CAP:            # the planner's default is the plain table
         opts = ", ".join(o for o in (opts, "no soft cap" if cap is None else f"soft cap {cap:g}") if o)
+    if cap is not None and cell.get("soft_cap_on", "all") != "all":   # the cap on some groups only
+        opts = ", ".join(o for o in (opts, f"soft cap on {cell['soft_cap_on']}") if o)
     if cell.get("score", "share") != "share":   # the planner's cost of a unit: another table
         opts = ", ".join(o for o in (opts, f"score {cell['score']}") if o)
     return cell["task"], cell["budget"], opts

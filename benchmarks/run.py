@@ -67,9 +67,11 @@ class PlanOptions:
     max_pruning_ratio: Optional[float] = None
     soft_cap: Optional[float] = None
     score: str = "share"
+    soft_cap_on: str = "all"
 
     def tags(self) -> str:
         return ((f"-soft{self.soft_cap:g}" if self.soft_cap is not None else "")
+                + ("-streams" if self.soft_cap is not None and self.soft_cap_on == "streams" else "")
                 + (f"-{self.score}" if self.score != "share" else "")
                 + (f"-r{self.round_to}" if self.round_to else "")
                 + (f"-m{self.max_pruning_ratio:g}" if self.max_pruning_ratio is not None else ""))
@@ -119,7 +121,7 @@ def _regularised(task: Task, method: methods_mod.Method, seed: int, speedup: flo
                           config=config or eg.ETPConfig(beta=0.0, **methods_mod.ETP_DEFAULTS),
                           target_speedup=speedup, round_to=plan.round_to, importance=method.importance(seed),
                           max_pruning_ratio=plan.max_pruning_ratio, soft_cap=plan.soft_cap,
-                          score=plan.score, group_filter=task.group_filter(model))
+                          score=plan.score, soft_cap_on=plan.soft_cap_on, group_filter=task.group_filter(model))
     hook = RegHook(pruner.regularizer, task.reg_mode, task.decay_scale) if config is not None else None
     saved = _regularised_path(task, method, seed)
     with clock("regularise"):
@@ -195,6 +197,8 @@ def main(argv=None) -> int:
     p.add_argument("--soft-cap", default=str(eg.pruner.SOFT_CAP),
                    help="ETPPruner's soft_cap (default its own; 'none': one ranking for every unit, as "
                         "every cell run before 2026-12-03)")
+    p.add_argument("--soft-cap-on", default="all", choices=eg.pruner.SOFT_CAP_ON,
+                   help="the groups the soft cap holds back: all (default) or only the residual streams")
     p.add_argument("--score", default="share", choices=eg.pruner.SCORES,
                    help="ETPPruner's score: a unit's share of its group's importance (default) or of what "
                         "the group still keeps")
@@ -227,7 +231,8 @@ def _run(args, argv, options: Dict[str, str], device: str) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     plan = PlanOptions(args.round_to, args.max_pruning_ratio,
-                       None if args.soft_cap.lower() == "none" else float(args.soft_cap), args.score)
+                       None if args.soft_cap.lower() == "none" else float(args.soft_cap), args.score,
+                       args.soft_cap_on)
     todo = [(m, s) for s in seeds for m in chosen
             if args.force or not cell_path(out, task.name, args.budget, m.name, s, plan, args.separate, betas.get(m.name)).is_file()]
     if distributed.world_size() > 1 and any(m.name == "torch-pruning" for m, _ in todo):
@@ -253,7 +258,7 @@ def _run(args, argv, options: Dict[str, str], device: str) -> int:
                        "beta_override": betas.get(method.name),
                        "options": options, "round_to": plan.round_to,
                        "max_pruning_ratio": plan.max_pruning_ratio, "soft_cap": plan.soft_cap,
-                       "score": plan.score, "commit": commit(),
+                       "score": plan.score, "soft_cap_on": plan.soft_cap_on, "commit": commit(),
                        "machine": machine(device), "date": time.strftime("%Y-%m-%d %H:%M"),
                        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])})
         result["wall_s"]["total"] = round(time.perf_counter() - t0, 1)

@@ -40,6 +40,14 @@ T = TypeVar("T")
 SOFT_CAP = 0.75
 #: the planner's unit costs (``ETPPruner(score=...)``)
 SCORES = ("share", "kept")
+#: the groups the soft cap holds back: every one, or only the residual streams (:func:`is_stream`)
+SOFT_CAP_ON = ("all", "streams")
+
+
+def is_stream(group: CoupledGroup) -> bool:
+    """A residual stream: channels that layers add into (the group passes through an ``Add``:
+    a ResNet stage's width, a transformer's embedding width), not an attention's heads."""
+    return "Add" in group.ops and not group.heads
 
 __all__ = ["ETPPruner", "PrunePlan", "PruneReport", "GroupResult"]
 
@@ -136,6 +144,9 @@ class ETPPruner:
     step at a time. Without it the planner's per-MAC ranking empties the MAC-cheapest wide group
     first (a residual stream, a transformer's embedding width: measured, every method loses there;
     docs/results.md). ``None``: one ranking for every unit (every group down to one unit).
+    ``soft_cap_on``: ``"all"`` (default) groups, or ``"streams"``: only the residual streams
+    (:func:`is_stream`) are held back; heads, FFN units and a block's inner channels go by the
+    one ranking (on MiniLM the cap on heads and FFN units cost 1.6–12.5 points, docs/results.md).
     ``score`` (``target_speedup`` only): what a unit's removal costs, per MAC it saves:
     ``"share"`` (default), its share of its group's total importance; ``"kept"``, its share of
     what its group still keeps when it goes (its importance over the sum of its own and every
@@ -165,7 +176,7 @@ class ETPPruner:
                  config: Optional[ETPConfig] = None, pruning_ratio: Optional[float] = None,
                  target_speedup: Optional[float] = None, threshold: Optional[float] = None,
                  attention_units: str = "heads", max_pruning_ratio: Optional[float] = None,
-                 soft_cap: Optional[float] = SOFT_CAP, score: str = "share",
+                 soft_cap: Optional[float] = SOFT_CAP, score: str = "share", soft_cap_on: str = "all",
                  group_filter: Optional[Callable[[CoupledGroup], bool]] = None, round_to: Optional[int] = None,
                  importance: Optional[Callable[[CoupledGroup], torch.Tensor]] = None, uniform: bool = False,
                  outputs: Optional[Sequence[Any]] = None, time_limit: Optional[float] = TIME_LIMIT):
@@ -197,6 +208,9 @@ class ETPPruner:
         if soft_cap is not None and not 0 < soft_cap < 1:
             raise ValueError(f"soft_cap must be None or in (0, 1), got {soft_cap}")
         self.soft_cap = soft_cap
+        if soft_cap_on not in SOFT_CAP_ON:
+            raise ValueError(f"soft_cap_on must be one of {SOFT_CAP_ON}, got {soft_cap_on!r}")
+        self.soft_cap_on = soft_cap_on
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         self.score = score
@@ -335,13 +349,14 @@ class ETPPruner:
                 # do, so neither kind is cut first just because its units are wide or narrow
                 ranked.append((g, order, self._costs(imp, order)))
             size = block[0].size
+            held = self.soft_cap_on == "all" or any(is_stream(g) for g in block)
             cap = size - 1 if self.max_pruning_ratio is None else int(size * self.max_pruning_ratio)
             last = 0.0
             for k in range(min(cap, size - 1)):   # keep at least one unit per group
                 share = sum(float(rel[k]) for _, _, rel in ranked)
                 if any(g.ordered for g in block):   # never before the unit that must go first
                     share = last = max(share, last)
-                candidates.append((self._tier(k, size), share / max(saved, 1) * base, k,
+                candidates.append((self._tier(k, size) if held else 0, share / max(saved, 1) * base, k,
                                    tuple((g.id, order[k]) for g, order, _ in ranked)))
         candidates.sort(key=lambda c: c[:3])
         return [c[1:] for c in candidates]

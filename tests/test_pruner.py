@@ -296,6 +296,25 @@ def test_the_soft_cap_keeps_a_quarter_of_every_group_while_the_target_allows():
     assert len(soft.path([4.0])[0].removed.get(stream.id, [])) <= 12
 
 
+def test_the_soft_cap_on_streams_holds_back_the_stream_only():
+    model, x = _resnet56()
+    on = eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=4.0, soft_cap_on="streams")
+    free = eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=4.0, soft_cap=None)
+    streams = [g for g in on.graph.groups if eg.pruner.is_stream(g)]
+    assert [g.root for g in streams] == ["conv1"]   # the residual width; a block's inner channels are not
+    (p4,) = on.path([4.0])
+    (f4,) = free.path([4.0])
+    assert len(p4.removed.get(streams[0].id, [])) <= 12 < len(f4.removed.get(streams[0].id, []))
+    assert p4.speedup >= 4.0 * 0.97
+    # the other groups go by the one ranking: at 6x some go past three quarters while the stream
+    # still keeps a quarter (with the cap on every group none does below 6.97x: the test above)
+    (p6,) = on.path([6.0])
+    assert len(p6.removed.get(streams[0].id, [])) <= 12
+    assert any(len(p6.removed.get(g.id, [])) > int(0.75 * g.size) for g in on.graph.groups if g not in streams)
+    with pytest.raises(ValueError, match="soft_cap_on must be one of"):
+        eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=2.0, soft_cap_on="heads")
+
+
 def test_soft_cap_out_of_range_is_refused():
     model, x = _resnet56()
     with pytest.raises(ValueError, match="soft_cap must be None or in"):

@@ -109,6 +109,8 @@ def test_max_pruning_ratio_caps_every_group_for_every_method(cells):
     kept = r["cuts"][0]["units_kept"]
     assert kept and all(n >= 16 - int(16 * 0.6) for n in kept.values()), kept   # 16-unit groups
     assert run.cell_path(out, "t", "quick", "etp", 0, run.PlanOptions(8, 0.5)).name == "etp-s0-r8-m0.5.json"
+    assert run.cell_path(out, "t", "quick", "etp", 0, run.PlanOptions(None, None, 0.75, "share", "streams")).name == \
+        "etp-s0-soft0.75-streams.json"
     assert run.cell_path(out, "t", "quick", "etp", 0, run.PlanOptions(None, None, 0.75)).name == "etp-s0-soft0.75.json"
     assert run.cell_path(out, "t", "quick", "etp", 0, run.PlanOptions(None, None, 0.75, "kept")).name == \
         "etp-s0-soft0.75-kept.json"
