@@ -160,6 +160,36 @@ def test_a_layer_called_through_its_parameters_is_traced_as_a_call():
     assert_prune_equivalent(o, x, ignored_layers=[o.head])
 
 
+class _ConvThroughParameters(nn.Module):
+    """``F.conv2d`` on a convolution's own weight, bias, stride and padding (``padding``: another
+    padding than the layer's, so the call is not the layer's)."""
+
+    def __init__(self, padding=None):
+        super().__init__()
+        self.padding = padding
+        self.stem, self.conv, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 8, 3, stride=2, padding=1), \
+            nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        c = self.conv
+        pad = c.padding if self.padding is None else self.padding
+        h = torch.nn.functional.conv2d(torch.relu(self.stem(x)), c.weight, c.bias, c.stride, pad)
+        return self.head(torch.relu(h))
+
+
+def test_a_convolution_called_through_its_parameters_is_traced_as_a_call():
+    m = _ConvThroughParameters()
+    g = eg.trace(m, X8, ignored_layers=[m.head])
+    assert sorted((gr.root, gr.size, gr.exact) for gr in g.groups) == [("conv", 8, True), ("stem", 6, True)]
+    from etp_graph.testing import assert_prune_equivalent
+    checks = assert_prune_equivalent(m, X8, ignored_layers=[m.head])
+    assert {c.root for c in checks} == {"stem", "conv"} and {c.checked for c in checks} == {"values"}
+    other = _ConvThroughParameters(padding=(2, 2))
+    g = eg.trace(other, X8, ignored_layers=[other.head])
+    assert not any(gr.root in ("stem", "conv") for gr in g.groups) and g.skipped
+    assert_prune_equivalent(other, X8, ignored_layers=[other.head])
+
+
 def test_a_layers_own_product_is_no_unverified_op():
     """Without validation the groups are the verified ones: the addmm inside a Linear on a 3-D
     input is the layer's, not an op the channels pass through; a product with another
