@@ -49,7 +49,8 @@ def is_stream(group: CoupledGroup) -> bool:
     a ResNet stage's width, a transformer's embedding width), not an attention's heads."""
     return "Add" in group.ops and not group.heads
 
-__all__ = ["ETPPruner", "PrunePlan", "PruneReport", "GroupResult"]
+
+__all__ = ["ETPPruner", "PrunePlan", "PruneReport", "GroupResult", "is_stream"]
 
 #: ``target_speedup`` is reached within this relative margin (MACs are counted, not estimated).
 SPEEDUP_TOLERANCE = 0.03
