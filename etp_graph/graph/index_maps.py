@@ -8,7 +8,7 @@ A map rewrites the two slots of a backend edge; a node whose channel map is unkn
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Iterator, Optional, Sequence, Set, Tuple
 
 from torch import nn
 from torch_pruning import _helpers as tp_helpers
@@ -69,21 +69,27 @@ def channel_dim(node, rank: int) -> Optional[int]:
     the backend still maps comes first and the answer is unknown."""
     if rank != 3:
         return 1 if rank >= 2 else None
-    seen, stack = set(), [node]
+    for h in _layers_upstream(node, lambda n: n is node or not (n.type == tp_ops.OPTYPE.RESHAPE or (
+            n.grad_fn is not None and op_name(n.grad_fn) in DIM_MOVES))):
+        return None if h is None else (2 if h.channel_last else 1)
+    return None
+
+
+def _layers_upstream(node, passes: Callable[[Any], bool]) -> Iterator[Any]:
+    """The handlers of the nearest layers upstream of ``node`` (depth first, each walk stopping
+    at a layer), and ``None`` for each node on the way that ``passes`` does not let through."""
+    seen, stack = {node}, [node]
     while stack:
         n = stack.pop()
         m = n.module
         h = get_handler(m) if isinstance(m, nn.Module) else None
-        if h is not None:
-            return 2 if h.channel_last else 1
-        if n is not node and (n.type == tp_ops.OPTYPE.RESHAPE or (
-                n.grad_fn is not None and op_name(n.grad_fn) in DIM_MOVES)):
-            return None
+        if h is not None or not passes(n):
+            yield h
+            continue
         for p in n.inputs:
             if p not in seen:
                 seen.add(p)
                 stack.append(p)
-    return None
 
 
 # ---------------------------------------------------------------------------------- pads
@@ -163,31 +169,24 @@ def _channel_last(bk: Backend, node) -> bool:
     (a Linear, a LayerNorm: ``(B, H, W, C)`` maps, ``(B, L, C)`` tokens) and nothing in between
     moves the last dimension: permutes and transposes that keep it, reshapes that keep its size
     (row-major order keeps element ``[…, c]`` at channel ``c`` through any such reshape)."""
-    seen, stack, found = {node}, [node], False
-    while stack:
-        n = stack.pop()
-        m = n.module
-        h = get_handler(m) if isinstance(m, nn.Module) else None
-        if h is not None:
-            if not h.channel_last:
-                return False
-            found = True
-            continue
+    def keeps_last(n) -> bool:
         rank = len(bk.shape(n) or ())
         if not rank:
             return False
         if n.grad_fn is not None and op_name(n.grad_fn) in DIM_MOVES:
             mv = _moves(n.grad_fn)
-            if mv is None or (mv[0] == "swap" and rank - 1 in {saved_dim(mv[1], rank), saved_dim(mv[2], rank)}) or (
-                    mv[0] != "swap" and saved_dim(mv[-1], rank) != rank - 1):
-                return False
-        elif n.type == tp_ops.OPTYPE.RESHAPE:
-            if not n.inputs or (bk.shape(n.inputs[0]) or (None,))[-1] != bk.shape(n)[-1]:
-                return False
-        for p in n.inputs:
-            if p not in seen:
-                seen.add(p)
-                stack.append(p)
+            return mv is not None and (
+                rank - 1 not in {saved_dim(mv[1], rank), saved_dim(mv[2], rank)} if mv[0] == "swap"
+                else saved_dim(mv[-1], rank) == rank - 1)
+        if n.type == tp_ops.OPTYPE.RESHAPE:
+            return bool(n.inputs) and (bk.shape(n.inputs[0]) or (None,))[-1] == bk.shape(n)[-1]
+        return True
+
+    found = False
+    for h in _layers_upstream(node, keeps_last):
+        if h is None or not h.channel_last:
+            return False
+        found = True
     return found
 
 

@@ -10,7 +10,6 @@ import contextvars
 from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -95,39 +94,8 @@ def layer_calls(names: FrozenSet[str]) -> Iterator[None]:
         _LAYER_CALLS.reset(token)
 
 
-_CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
-
-
-def _plain_layer(m: nn.Module) -> bool:
-    """An ``nn.Linear`` or zero-padded ``nn.Conv1d/2d/3d`` running its class's own forward."""
-    if isinstance(m, nn.Linear):
-        return type(m).forward is nn.Linear.forward
-    for cls in _CONVS:
-        if isinstance(m, cls):
-            return type(m).forward is cls.forward and m.padding_mode == "zeros"
-    return False
-
-
-def _as_tuple(v, n: int):
-    return v if isinstance(v, str) else tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
-
-
-def _same_call(m: nn.Module, func, args, kwargs) -> bool:
-    """Is ``func(*args, **kwargs)`` exactly ``m``'s own product (its weight, its bias, and for a
-    convolution its stride, padding, dilation and groups)?"""
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    given = dict(zip(names, args), **kwargs)
-    if given.get("weight") is not m.weight or given.get("bias") is not m.bias or \
-            not isinstance(given.get("input"), torch.Tensor):
-        return False
-    if isinstance(m, nn.Linear):
-        return func is F.linear and len(given) <= 3
-    if func is not _CONVS[next(c for c in _CONVS if isinstance(m, c))]:
-        return False
-    n = m.weight.dim() - 2
-    defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-    return all(_as_tuple(given.get(k, defaults[k]), n) == _as_tuple(getattr(m, k), n)
-               for k in ("stride", "padding", "dilation")) and given.get("groups", 1) == m.groups
+#: argument names of the functional products a layer may be called through
+_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
 class LayerCalls(TorchFunctionMode):
@@ -137,14 +105,16 @@ class LayerCalls(TorchFunctionMode):
     groups, runs as ``m(x)``: the same values, and every hook on ``m`` (the backend's graph, the
     shadow and flow runs) sees a call of the layer, so its channels are followed like any other's.
 
-    ``names``: the layers to redirect (``None``: every plain Linear without hooks of its own, as
+    Which call is a layer's own is its handler's to say (:meth:`LayerHandler.own_call`).
+    ``names``: the layers to redirect (``None``: every layer without hooks of its own, as
     the backend's trace looks for them); :attr:`called` holds those that were. Enter it last (the
     innermost mode): the modes entered before see the redirected call's own ops."""
 
     def __init__(self, model: nn.Module, names: Optional[FrozenSet[str]] = None):
         super().__init__()
         self._owners: Dict[int, Tuple[str, nn.Module]] = {
-            id(m.weight): (n, m) for n, m in model.named_modules() if _plain_layer(m) and (
+            id(m.weight): (n, m) for n, m in model.named_modules()
+            if isinstance(getattr(m, "weight", None), torch.Tensor) and get_handler(m) is not None and (
                 n in names if names is not None else not (m._forward_hooks or m._forward_pre_hooks))}
         self._layers = [m for m in model.modules() if _has_handler(m)]
         self._running = 0
@@ -172,16 +142,15 @@ class LayerCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if (func is F.linear or func in _FUNCS) and not self._running and self._owners:
+        if not self._running and self._owners:
             weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
-            hit = self._owners.get(id(weight))
-            if hit is not None and _same_call(hit[1], func, args, kwargs):
-                self.called.add(hit[0])
-                return hit[1](kwargs.get("input", args[0] if args else None))
+            hit = self._owners.get(id(weight)) if isinstance(weight, torch.Tensor) else None
+            if hit is not None:
+                given = dict(zip(_ARGS, args), **kwargs)
+                if isinstance(given.get("input"), torch.Tensor) and get_handler(hit[1]).own_call(hit[1], func, given):
+                    self.called.add(hit[0])
+                    return hit[1](given["input"])
         return func(*args, **kwargs)
-
-
-_FUNCS = frozenset(_CONVS.values())
 
 
 def _has_handler(m: nn.Module) -> bool:

@@ -94,6 +94,12 @@ class LayerHandler:
     def observe(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         """Called once per traced call of a leaf module (e.g. to note a cross-attention call)."""
 
+    def own_call(self, module: nn.Module, func: Callable, given: Dict[str, object]) -> bool:
+        """Is ``func`` called with ``given`` (its arguments by name: ``input``, ``weight``, …) on the
+        module's weight exactly ``module(input)``? A trace then runs such a call, made outside the
+        module's forward, as the module's own (``etp_graph.graph.inputs.LayerCalls``)."""
+        return False
+
     def traced_as_leaf(self, module: nn.Module) -> bool:
         """Hide the module's internal ops from the tracer: its outputs depend on its inputs only."""
         return self.backend_lacks

@@ -9,9 +9,18 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
+import torch.nn.functional as F
 from torch import nn
 
 from .base import LayerHandler, TensorSlice, modulo, register_handler
+
+
+_CONV_FUNCS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+_CONV_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1}
+
+
+def _as_tuple(v, n: int):
+    return v if isinstance(v, str) else tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
 def _is_depthwise(m: nn.modules.conv._ConvNd) -> bool:
@@ -22,6 +31,16 @@ def _is_depthwise(m: nn.modules.conv._ConvNd) -> bool:
 class ConvHandler(LayerHandler):
     module_types = (nn.modules.conv._ConvNd,)
     can_root = True
+
+    def own_call(self, m, func, given):
+        # F.conv2d with the layer's weight, bias, stride, padding, dilation and groups (zero padding)
+        cls = next((c for c in _CONV_FUNCS if type(m).forward is c.forward and isinstance(m, c)), None)
+        if cls is None or func is not _CONV_FUNCS[cls] or m.padding_mode != "zeros" or \
+                given.get("weight") is not m.weight or given.get("bias") is not m.bias:
+            return False
+        n = m.weight.dim() - 2
+        return given.get("groups", 1) == m.groups and all(
+            _as_tuple(given.get(k, d), n) == _as_tuple(getattr(m, k), n) for k, d in _CONV_DEFAULTS.items())
 
     def traced_as_leaf(self, m) -> bool:
         # a circular/reflect/replicate pad is a copy-slice graph the backend never finishes walking
