@@ -6,6 +6,7 @@ target → fine-tune, with the report (MACs, params, latency, accuracy at every 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -15,7 +16,7 @@ import warnings
 import torch
 
 from etp_graph import ETPConfig, ETPPruner, zoo
-from etp_graph.counting import measure_latency
+from etp_graph.counting import compare_latency
 from etp_graph.testing import assert_prune_equivalent
 
 from .data import load_cifar, normalize
@@ -54,9 +55,10 @@ def run(args) -> int:
           f"{float(pruner.penalty()):.4f}, accuracy {acc['dense after ETP training']:.2f}%")
 
     batch = normalize(test_x[:args.batch_size])      # latency also at a realistic batch
-    lat_batch = [measure_latency(model, batch, warmup=2, repeat=10)["median_ms"]]
+    before = copy.deepcopy(model)
     report = pruner.step(measure_latency=True, latency_repeat=20)
-    lat_batch.append(measure_latency(model, batch, warmup=2, repeat=10)["median_ms"])
+    lat_batch = compare_latency([before, model], batch, warmup=2, repeat=10)    # side by side
+    del before
     acc["pruned, before fine-tune"] = evaluate(model, test_x, test_y, desc="eval pruned")
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(args.finetune_steps, 1))
@@ -69,7 +71,8 @@ def run(args) -> int:
     if args.json:
         out = {"config": {**vars(args), "etp": dataclasses.asdict(config), "threads": torch.get_num_threads()},
                "accuracy": acc, "test_images": len(test_y), "seconds": round(total, 1),
-               **report.as_dict(), "latency_ms_batch": [len(batch)] + lat_batch}
+               **report.as_dict(), "latency_ms_batch": [len(batch)] + [x["median_ms"] for x in lat_batch],
+               "latency_speedup_batch": lat_batch[1]["ratio_to_first"]}
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)
         print(f"results and resolved configuration written to {args.json}")
@@ -79,8 +82,9 @@ def run(args) -> int:
 def _print_report(args, report, acc, batch, lat_batch, n_test, total) -> None:
     print()
     print(report)
-    print(f"latency, batch of {len(batch)} test images (median of 10): {lat_batch[0]:.1f} -> "
-          f"{lat_batch[1]:.1f} ms ({lat_batch[0] / lat_batch[1]:.2f}x)")
+    print(f"latency, batch of {len(batch)} test images (median of 10, side by side): "
+          f"{lat_batch[0]['median_ms']:.1f} -> {lat_batch[1]['median_ms']:.1f} ms "
+          f"({lat_batch[1]['ratio_to_first']:.2f}x)")
     print(f"\naccuracy on the same {n_test:,} test images:")
     for k, v in acc.items():
         print(f"  {k:28}{v:6.2f}%")

@@ -32,14 +32,15 @@ class Clock:
         return _Span()
 
 
-def finetune_cut(task: Task, small, report: Dict[str, Any], target: float, lat_dense, lat_inputs, seed: int,
+def finetune_cut(task: Task, small, report: Dict[str, Any], target: float, dense, lat_inputs, seed: int,
                  latency_repeat: int, clock: Clock) -> Dict[str, Any]:
-    """Measure a pruned copy, fine-tune it, measure it again."""
+    """Measure a pruned copy (its latency side by side with the ``dense`` model's), fine-tune it,
+    measure it again."""
     pruned = task.evaluate(small)
     with clock("latency"):
-        lat = eg.measure_latency(small, lat_inputs, warmup=2, repeat=latency_repeat)
+        lat_dense, lat = eg.compare_latency([dense, small], lat_inputs, warmup=2, repeat=latency_repeat)
     with clock(f"finetune {target:g}x"):
         distributed.fit(task, small, task.budget.finetune, seed=200 + seed, phase="finetune")
     return {"target": target, **report, "latency_ms": [lat_dense["median_ms"], lat["median_ms"]],
-            "latency_iqr_ms": [lat_dense["iqr_ms"], lat["iqr_ms"]],
-            "pruned": pruned, "finetuned": task.evaluate(small)}
+            "latency_iqr_ms": [lat_dense["iqr_ms"], lat["iqr_ms"]], "latency_speedup": lat["ratio_to_first"],
+            "latency_side_by_side": True, "pruned": pruned, "finetuned": task.evaluate(small)}

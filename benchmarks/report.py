@@ -70,6 +70,14 @@ def _by_target(cells: List[dict]) -> Dict[str, Dict[float, List[dict]]]:
     return rows
 
 
+def latency_speedup(cut: dict) -> float:
+    """A cut's measured latency speed-up: the paired ratio where dense and pruned were timed side
+    by side (or re-measured so: ``benchmarks.latency``), else the ratio of the two medians."""
+    if cut.get("latency_speedup") is not None:
+        return cut["latency_speedup"]
+    return cut["latency_ms"][0] / cut["latency_ms"][1]
+
+
 def _order(names) -> List[str]:
     known = list(methods_mod.METHODS)
     return sorted(names, key=lambda n: (known.index(n.split(" ")[0]) if n.split(" ")[0] in known else 99, n))
@@ -100,7 +108,7 @@ def table(cells: List[dict], metric: str, digits: int) -> List[str]:
         for t in targets:
             xs = r.get(t, [])
             vals.append("–" if not xs else f"{statistics.mean(x['speedup'] for x in xs):.2f} / "
-                        f"{statistics.mean(x['latency_ms'][0] / x['latency_ms'][1] for x in xs):.2f}")
+                        f"{statistics.mean(latency_speedup(x) for x in xs):.2f}")
         out.append(f"| {name} | " + " | ".join(vals) + " |")
     out.append("")
     return out
@@ -140,7 +148,7 @@ def plot_latency(cells: List[dict], path: Path) -> None:
     by_task = defaultdict(list)
     for c in cells:
         for cut in c["cuts"]:
-            by_task[c["task"]].append((cut["speedup"], cut["latency_ms"][0] / cut["latency_ms"][1]))
+            by_task[c["task"]].append((cut["speedup"], latency_speedup(cut)))
     top = max([x for pts in by_task.values() for x, _ in pts] + [2.0])
     for task, pts in sorted(by_task.items()):
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, label=task)

@@ -148,8 +148,6 @@ def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[f
         targets = _reachable(pruner, speedups)
         plans = pruner.path(targets)
     lat_inputs = task.latency_inputs()
-    with clock("latency"):
-        lat_dense = eg.measure_latency(model, lat_inputs, warmup=2, repeat=latency_repeat)
     cuts = []
     for k, plan in enumerate(tqdm(plans, desc=f"{method.name} s{seed} cuts", leave=False)):
         if separate and k:      # train again from the dense start, for this target alone
@@ -157,7 +155,7 @@ def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[f
             with clock("plan"):
                 plan = pruner.path([plan.target_speedup])[0]
         small, report = pruner.pruned_copy(plan)
-        cuts.append(finetune_cut(task, small, report.as_dict(), plan.target_speedup, lat_dense, lat_inputs, seed,
+        cuts.append(finetune_cut(task, small, report.as_dict(), plan.target_speedup, model, lat_inputs, seed,
                          latency_repeat, clock))
     return {"dense": dense, "regularised": regularised, "cuts": cuts, "requested_speedups": speedups,
             "separate_trainings": separate, "regularised_reused": reused,

@@ -1,6 +1,6 @@
 """etp_graph: dependency-aware structured pruning with Exponential Torque regularisation."""
 from . import handlers, zoo
-from .counting import count_macs, count_params, measure_latency, unsupported_ops
+from .counting import compare_latency, count_macs, count_params, measure_latency, unsupported_ops
 from .graph import ChannelGraph, CoupledGroup, SkippedGroup, TraceError, trace
 from .importance import ETPImportance, ETPRegularizedPruner
 from .io import load_pruned, save_pruned
@@ -12,7 +12,7 @@ __all__ = [
     "ETPConfig", "Regularizer", "ETP", "Torque", "GroupSL", "make_regularizer",
     "ETPPruner", "PrunePlan", "PruneReport", "GroupResult",
     "ETPImportance", "ETPRegularizedPruner",
-    "count_macs", "count_params", "measure_latency", "unsupported_ops",
+    "compare_latency", "count_macs", "count_params", "measure_latency", "unsupported_ops",
     "save_pruned", "load_pruned",
     "handlers", "zoo",
 ]

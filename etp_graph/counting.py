@@ -7,11 +7,12 @@ by :func:`unsupported_ops`, and :func:`count_macs` warns about them instead of c
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
 import warnings
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 from fvcore.nn import FlopCountAnalysis
@@ -19,7 +20,7 @@ from torch import nn
 
 from .graph.inputs import as_call, eval_mode, flat_tensors, forward
 
-__all__ = ["count_macs", "count_params", "unsupported_ops", "measure_latency", "MAC_HANDLES", "FREE_OPS"]
+__all__ = ["count_macs", "count_params", "unsupported_ops", "measure_latency", "compare_latency", "MAC_HANDLES", "FREE_OPS"]
 
 
 def _sizes(v) -> List[int]:
@@ -145,18 +146,49 @@ def measure_latency(model: nn.Module, example_inputs: Any, warmup: int = 3, repe
     """Wall-clock latency of one forward under ``torch.inference_mode()``.
 
     Returns ``median_ms``, ``iqr_ms`` (interquartile spread), ``min_ms``, ``repeat`` and ``threads``.
+    To compare models (before and after a cut), use :func:`compare_latency`: a latency measured
+    alone minutes before another is not comparable with it on a busy machine.
     """
+    return compare_latency([model], example_inputs, warmup=warmup, repeat=repeat)[0]
+
+
+def compare_latency(models: Sequence[nn.Module], example_inputs: Any, warmup: int = 3,
+                    repeat: int = 10) -> List[Dict[str, float]]:
+    """The latencies of several models on the same inputs, measured side by side: each of the
+    ``repeat`` rounds times one forward of every model in turn (under ``torch.inference_mode()``),
+    so whatever else loads the machine during a round loads every model alike.
+
+    Returns one :func:`measure_latency` dict per model, in order, each with ``ratio_to_first``:
+    the median over rounds of the first model's time over this one's (a speed-up, 1.0 for the
+    first), which cancels a slow round where a ratio of the medians would not.
+
+    Example::
+
+        >>> before, after = eg.compare_latency([model, pruned], x, repeat=20)
+        >>> after["ratio_to_first"]     # the measured speed-up of the cut
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("compare_latency needs at least one model")
     if repeat < 1 or warmup < 0:
         raise ValueError(f"repeat must be >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}")
-    times = []
-    with eval_mode(model):
-        with torch.inference_mode():
-            for _ in range(warmup):
-                forward(model, example_inputs)
-            for _ in range(repeat):
+    times: List[List[float]] = [[] for _ in models]
+    with contextlib.ExitStack() as stack:
+        for m in models:
+            stack.enter_context(eval_mode(m))
+        stack.enter_context(torch.inference_mode())
+        for _ in range(warmup):
+            for m in models:
+                forward(m, example_inputs)
+        for _ in range(repeat):
+            for m, ts in zip(models, times):
                 t0 = time.perf_counter()
-                forward(model, example_inputs)
-                times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return {"median_ms": statistics.median(times), "iqr_ms": q[2] - q[0], "min_ms": min(times),
-            "repeat": repeat, "threads": torch.get_num_threads()}
+                forward(m, example_inputs)
+                ts.append((time.perf_counter() - t0) * 1e3)
+    out = []
+    for ts in times:
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        out.append({"median_ms": statistics.median(ts), "iqr_ms": q[2] - q[0], "min_ms": min(ts),
+                    "ratio_to_first": statistics.median(a / max(b, 1e-9) for a, b in zip(times[0], ts)),
+                    "repeat": repeat, "threads": torch.get_num_threads()})
+    return out

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from .counting import count_macs, count_params, measure_latency as _measure_latency
+from .counting import compare_latency, count_macs, count_params
 from .graph import CoupledGroup, trace
 from .graph.atomic import Snapshot
 from .graph.budget import TIME_LIMIT
@@ -86,17 +86,28 @@ class PruneReport:
         return self.macs_before / max(self.macs_after, 1)
 
     @property
+    def latency_speedup(self) -> Optional[float]:
+        """Measured latency speed-up (``None`` when not measured): the median over rounds of the
+        paired before/after ratio (:func:`etp_graph.compare_latency`)."""
+        if not (self.latency_before and self.latency_after):
+            return None
+        paired = self.latency_after.get("ratio_to_first")
+        return paired if paired is not None else self.latency_before["median_ms"] / self.latency_after["median_ms"]
+
+    @property
     def units_kept(self) -> Dict[str, int]:
         return {g.root: g.units_after for g in self.groups}
 
     def as_dict(self) -> Dict[str, Any]:
         """The numbers as plain JSON-ready values: ``[before, after]`` pairs, the speed-up, the
-        median latencies in ms (``None`` when not measured) and the units kept per group."""
+        median latencies in ms and the measured latency speed-up (``None`` when not measured) and
+        the units kept per group."""
         lat = None
         if self.latency_before and self.latency_after:
             lat = [self.latency_before["median_ms"], self.latency_after["median_ms"]]
         return {"macs": [self.macs_before, self.macs_after], "params": [self.params_before, self.params_after],
-                "speedup": self.speedup, "latency_ms": lat, "units_kept": self.units_kept}
+                "speedup": self.speedup, "latency_ms": lat, "latency_speedup": self.latency_speedup,
+                "units_kept": self.units_kept}
 
     def __str__(self) -> str:
         rows = [("", "before", "after", "ratio"),
@@ -106,7 +117,7 @@ class PruneReport:
         if self.latency_before and self.latency_after:
             b, a = self.latency_before["median_ms"], self.latency_after["median_ms"]
             rows.append((f"latency ms (median, {self.latency_before['threads']} threads)",
-                         f"{b:.2f}", f"{a:.2f}", f"{b / a:.2f}x"))
+                         f"{b:.2f}", f"{a:.2f}", f"{self.latency_speedup:.2f}x"))
         w = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = [f"ETP prune ({self.target})"]
         lines += ["  ".join(r[i].rjust(w[i]) if i else r[i].ljust(w[i]) for i in range(4)) for r in rows]
@@ -488,8 +499,8 @@ class ETPPruner:
         return clone, report
 
     def _report(self, target, before, after, results, measure_latency, repeat) -> PruneReport:
-        lat = [_measure_latency(m, self.example_inputs, repeat=repeat) if measure_latency else None
-               for m in (before, after)]
+        lat = compare_latency([before, after], self.example_inputs, repeat=repeat) if measure_latency \
+            else [None, None]
         return PruneReport(target, self._macs(before), self._macs(after), count_params(before),
                            count_params(after), results, lat[0], lat[1])
 
@@ -501,10 +512,12 @@ class ETPPruner:
 
         Returns:
             :class:`PruneReport` with MACs/params before and after, units per group and, when
-            ``measure_latency``, the median latency before and after (``inference_mode``).
+            ``measure_latency``, the median latency before and after (``inference_mode``),
+            measured side by side (:func:`etp_graph.compare_latency`) with a copy of the model
+            as it was, which this call holds (the model's memory once more) until it returns.
         """
         params_before = count_params(self.model)
-        lat_before = _measure_latency(self.model, self.example_inputs, repeat=latency_repeat) if measure_latency else None
+        before = copy.deepcopy(self.model) if measure_latency else None
         if plan is None and self.mode == "target_speedup":
             plan = self.path([self.amount])[0]
         # a plan from path() for the model's widths as they are now was counted on it and on its cut
@@ -526,7 +539,9 @@ class ETPPruner:
             snapshot.restore()
             self._build()    # the groups were renumbered by the partial prune: trace afresh
             raise
-        lat_after = _measure_latency(self.model, self.example_inputs, repeat=latency_repeat) if measure_latency else None
+        lat_before, lat_after = compare_latency([before, self.model], self.example_inputs, repeat=latency_repeat) \
+            if measure_latency else (None, None)
+        del before
         note = sync_config(self.model, [(g, r.units_before, r.units_after) for g, r in zip(self.graph.groups, results)]) \
             if is_hf_model(self.model) else None
         return PruneReport(target, macs_before, macs_after, params_before,

@@ -45,6 +45,30 @@ def test_latency_report():
         eg.measure_latency(nn.Linear(2, 2), torch.randn(1, 2), repeat=0)
 
 
+def test_models_compared_side_by_side_take_turns_in_every_round(monkeypatch):
+    """compare_latency times one forward of every model per round; a slow round (a busy machine)
+    slows both models alike, and the paired ratio cancels it."""
+    import time
+    big, small = nn.Linear(4, 4), nn.Linear(4, 4)
+    calls, now = [], {"t": 0.0}
+    monkeypatch.setattr(time, "perf_counter", lambda: now["t"])
+
+    def tick(m, args, out):     # a fake clock: big takes 4 ticks, small 1; every third round x100
+        calls.append("big" if m is big else "small")
+        now["t"] += (4.0 if m is big else 1.0) * (100.0 if (len(calls) - 1) // 2 % 3 == 2 else 1.0)
+    big.register_forward_hook(tick)
+    small.register_forward_hook(tick)
+    before, after = eg.compare_latency([big, small], torch.randn(2, 4), warmup=0, repeat=6)
+    assert calls == ["big", "small"] * 6
+    assert before["ratio_to_first"] == 1.0 and after["ratio_to_first"] == pytest.approx(4.0)
+    assert before["median_ms"] == pytest.approx(4e3) and after["min_ms"] == pytest.approx(1e3)
+    assert before["repeat"] == after["repeat"] == 6 and before["threads"] == torch.get_num_threads()
+    with pytest.raises(ValueError, match="at least one model"):
+        eg.compare_latency([], torch.randn(1, 2))
+    with pytest.raises(ValueError, match="repeat"):
+        eg.compare_latency([nn.Linear(2, 2)], torch.randn(1, 2), repeat=0)
+
+
 def test_free_ops_hold_only_what_fvcore_neither_counts_nor_ignores():
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_analysis import _IGNORED_OPS

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from benchmarks import methods, report, run
+from benchmarks import latency, methods, report, run
 from benchmarks.tasks import TASKS, get_task
 
 
@@ -32,6 +32,7 @@ def test_cells_record_every_stage_and_the_configuration(cells):
         assert c["speedup"] >= c["target"]
         assert c["macs"][1] < c["macs"][0] and c["params"][1] < c["params"][0]
         assert len(c["latency_ms"]) == 2 and all(v > 0 for v in c["latency_ms"])
+        assert c["latency_side_by_side"] and c["latency_speedup"] > 0     # dense and cut in turns
         assert 0 <= c["pruned"]["acc"] <= 100 and 0 <= c["finetuned"]["acc"] <= 100
     a, b = r["cuts"]
     assert all(b["units_kept"][k] <= a["units_kept"][k] for k in a["units_kept"])    # nested family
@@ -134,3 +135,27 @@ def test_a_saved_regularised_model_gives_the_same_cell(cells, tmp_path, monkeypa
     assert again["regularised_reused"] and again["regularised"] == first["regularised"]
     assert [(c["units_kept"], c["pruned"], c["finetuned"]) for c in again["cuts"]] == \
         [(c["units_kept"], c["pruned"], c["finetuned"]) for c in first["cuts"]]
+
+
+def test_latency_of_an_old_cell_is_measured_again_from_its_widths(cells, tmp_path):
+    """benchmarks.latency rebuilds each cut from its units_kept (its MACs must match the cell's),
+    times it beside the dense model and keeps the number of the run; cuts timed side by side in
+    their run are left alone."""
+    old = json.loads((cells / "tiny-cnn" / "quick" / "etp-s0-soft0.75.json").read_text())
+    for c in old["cuts"]:
+        del c["latency_side_by_side"], c["latency_speedup"]
+        c["latency_ms"] = [1e4, 1.0]                    # a dense model timed on a busy machine
+    folder = tmp_path / "tiny-cnn" / "quick"
+    folder.mkdir(parents=True)
+    (folder / "old.json").write_text(json.dumps(old))
+    new = json.loads((cells / "tiny-cnn" / "quick" / "random-s0-soft0.75.json").read_text())
+    (folder / "new.json").write_text(json.dumps(new))
+    assert latency.main(["--results", str(tmp_path), "--repeat", "2"]) == 0
+    again = json.loads((folder / "old.json").read_text())
+    for c in again["cuts"]:
+        assert c["latency_ms_in_run"] == [1e4, 1.0] and c["latency_ms"] != [1e4, 1.0]
+        assert 0 < c["latency_speedup"] < 100 and c["latency_remeasured"]["repeat"] == 2
+    assert json.loads((folder / "new.json").read_text()) == new
+    (folder / "old.json").write_text(json.dumps({**old, "cuts": [{**old["cuts"][0], "macs": [1, 2]}]}))
+    with pytest.raises(RuntimeError, match="do not rebuild its model"):
+        latency.main(["--results", str(tmp_path), "--repeat", "2"])

@@ -1,0 +1,105 @@
+"""Measure again, side by side, the latency of every cut recorded in the cell JSONs.
+
+    python -m benchmarks.latency [--tasks resnet56-cifar10,...] [--repeat 10] [--force]
+
+A cell's latency depends on the widths its plan keeps, not on the trained weights, so each cut
+is rebuilt from its ``units_kept`` on the task's model (untrained weights), its MACs checked
+against the cell's, and timed with the dense model in alternating rounds
+(:func:`etp_graph.compare_latency`: the dense model and a cell's cuts in turn) on the task's
+latency batch. Cells run before 2026-12-03
+timed the dense model once, minutes before its cuts and beside training jobs; on a busy machine
+that gave ratios from 0.04× to 170× (ResNet-56 at 2× MACs: a dense 8.8 s against 0.11 s).
+The result replaces ``latency_ms`` and sets ``latency_speedup`` in the cut; the number timed in
+the run stays as ``latency_ms_in_run`` and ``latency_remeasured`` says when, where and how.
+Cuts already timed side by side in their run are left alone (``--force`` measures them too).
+Identical widths of one task are timed once. Run it on a quiet machine.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+from tqdm import tqdm
+
+import etp_graph as eg
+
+from .run import commit
+from .tasks import get_task
+
+HERE = Path(__file__).resolve().parent
+
+
+def _plan(pruner: eg.ETPPruner, kept: Dict[str, int]) -> Dict[int, List[int]]:
+    """Remove the last units of every group down to the widths of ``kept`` (by group root)."""
+    by_root = {g.root: g for g in pruner.graph.groups}
+    missing = sorted(set(kept) - set(by_root))
+    if missing:
+        raise KeyError(f"groups {missing[:3]} of the cell are not in this trace of the model")
+    return {by_root[r].id: list(range(n, by_root[r].size)) for r, n in kept.items() if n < by_root[r].size}
+
+
+def remeasure(paths: List[Path], repeat: int, force: bool) -> int:
+    by_task: Dict[Tuple[str, str, str], List[Tuple[Path, dict]]] = {}
+    for p in paths:
+        cell = json.loads(p.read_text())
+        todo = [c for c in cell.get("cuts", []) if c.get("units_kept") and (force or not c.get("latency_side_by_side"))]
+        if todo:
+            key = (cell["task"], cell["budget"], json.dumps(cell.get("options", {}), sort_keys=True))
+            by_task.setdefault(key, []).append((p, cell))
+    done = 0
+    for (name, budget, options), cells in by_task.items():
+        task = get_task(name)(budget, "cpu", json.loads(options))
+        task.load()
+        model = task.build(0)
+        pruner = eg.ETPPruner(model, task.example_inputs(), ignored_layers=task.heads(model), pruning_ratio=0.5,
+                              group_filter=task.group_filter(model))
+        inputs, example = task.latency_inputs(), task.example_inputs()
+        timed: Dict[str, Tuple[list, float]] = {}
+        stamp = {"date": datetime.date.today().isoformat(), "commit": commit(), "threads": torch.get_num_threads(),
+                 "repeat": repeat, "how": "benchmarks.latency: widths rebuilt, dense and cut in alternating rounds"}
+        for path, cell in tqdm(cells, desc=f"{name} latency"):
+            cuts = [c for c in cell["cuts"] if c.get("units_kept") and (force or not c.get("latency_side_by_side"))]
+            new = {}
+            for cut in cuts:
+                key = json.dumps(cut["units_kept"], sort_keys=True)
+                if key in timed or key in new:
+                    continue
+                small, _ = pruner.pruned_copy(_plan(pruner, cut["units_kept"]))
+                macs = eg.count_macs(small, example)
+                if macs != cut["macs"][1]:
+                    raise RuntimeError(f"{path}: the rebuilt {cut['target']:g}x cut counts {macs:,} MACs, "
+                                       f"the cell {cut['macs'][1]:,}: its widths do not rebuild its model")
+                new[key] = small
+            if new:     # the dense model and this cell's new widths in the same rounds
+                dense, *smalls = eg.compare_latency([model, *new.values()], inputs, warmup=2, repeat=repeat)
+                for key, lat in zip(new, smalls):
+                    timed[key] = ([dense["median_ms"], lat["median_ms"]], lat["ratio_to_first"])
+            for cut in cuts:
+                cut.setdefault("latency_ms_in_run", cut["latency_ms"])
+                cut["latency_ms"], cut["latency_speedup"] = timed[json.dumps(cut["units_kept"], sort_keys=True)]
+                cut["latency_remeasured"] = stamp
+            path.write_text(json.dumps(cell, indent=1))
+            done += 1
+    return done
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=str(HERE / "results"))
+    p.add_argument("--tasks", default=None, help="comma-separated task names (default: every task)")
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--force", action="store_true", help="also the cuts timed side by side in their run")
+    args = p.parse_args(argv)
+    tasks = set(args.tasks.split(",")) if args.tasks else None
+    paths = [q for q in sorted(Path(args.results).rglob("*.json"))
+             if tasks is None or json.loads(q.read_text()).get("task") in tasks]
+    print(f"{remeasure(paths, args.repeat, args.force)} cells re-measured")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
