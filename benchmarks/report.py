@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from etp_graph.pruner import SOFT_CAP
+from etp_graph.pruner import SOFT_CAP, SOFT_CAP_ON
 
 from . import methods as methods_mod
 from .tasks import get_task
@@ -37,17 +37,34 @@ def _key(cell) -> Tuple[str, str, str]:
     cap = cell.get("soft_cap")     # cells from before the soft cap existed ran without one
     if cap != SOFT_CAP:            # the planner's default is the plain table
         opts = ", ".join(o for o in (opts, "no soft cap" if cap is None else f"soft cap {cap:g}") if o)
-    if cap is not None and cell.get("soft_cap_on", "all") != "all":   # the cap on some groups only
-        opts = ", ".join(o for o in (opts, f"soft cap on {cell['soft_cap_on']}") if o)
+    if cap is not None and cell.get("soft_cap_on", "all") != SOFT_CAP_ON[0]:   # not the default's groups
+        opts = ", ".join(o for o in (opts, f"soft cap on {_CAP_ON[cell.get('soft_cap_on', 'all')]}") if o)
     if cell.get("score", "share") != "share":   # the planner's cost of a unit: another table
         opts = ", ".join(o for o in (opts, f"score {cell['score']}") if o)
     return cell["task"], cell["budget"], opts
+
+
+_CAP_ON = {"all": "every group", "streams": "streams"}
+
+
+def command_today(cell) -> str:
+    """The cell's command with the planner options it ran with made explicit where today's
+    defaults differ (cells from before the soft cap ran without one; before 2026-12-04 the cap
+    held back every group), so that running it again reproduces the cell."""
+    cmd = cell["command"]
+    if "--soft-cap " not in cmd and cell.get("soft_cap") is None:
+        cmd += " --soft-cap none"
+    if "--soft-cap-on" not in cmd and cell.get("soft_cap") is not None \
+            and cell.get("soft_cap_on", "all") != SOFT_CAP_ON[0]:
+        cmd += f" --soft-cap-on {cell.get('soft_cap_on', 'all')}"
+    return cmd
 
 
 def _row_name(cell) -> str:
     extra = [f"β={cell.get('beta_override')}"] * (cell.get("beta_override") is not None) + [
         f"round_to={cell['round_to']}"] * bool(cell.get("round_to")) + [
         f"max ratio {cell.get('max_pruning_ratio')}"] * (cell.get("max_pruning_ratio") is not None) + [
+        f"widths of {cell.get('widths_from')}"] * bool(cell.get("widths_from")) + [
         "separate trainings"] * bool(
         cell.get("separate_trainings"))
     return cell["method"] + (f" ({', '.join(extra)})" if extra else "")
@@ -198,7 +215,8 @@ def main(argv=None) -> int:
                   f"{b['unit']} per cut ({note}). Machine: {cs[0]['machine']['threads']} threads, "
                   f"{cs[0]['machine']['device']}. Cells: {len(cs)}, "
                   f"{sum(c['wall_s']['total'] for c in cs) / 60:.0f} min in all.", "",
-                  "Commands:", ""] + [f"    {cmd}" for cmd in sorted({c["command"] for c in cs})] + [""]
+                  "Commands (as run, with the planner options that differ from today's defaults made "
+                  "explicit):", ""] + [f"    {cmd}" for cmd in sorted({command_today(c) for c in cs})] + [""]
         lines += table(cs, metric.name, digits)
         last = n + 1 == len(keys) or keys[n + 1][0] != task      # the task's notes once, after its tables
         lines += [f"![{task}](img/{png.name})", ""] + (_note(f"{task}.md") if last else [])

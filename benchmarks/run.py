@@ -60,21 +60,28 @@ def machine(device: str) -> Dict[str, Any]:
 @dataclasses.dataclass(frozen=True)
 class PlanOptions:
     """How every method of a run is cut (the same for all): ``ETPPruner``'s ``round_to``,
-    ``max_pruning_ratio``, ``soft_cap`` and ``score`` (cells from before the soft cap existed
-    ran without one: their files carry no ``-soft`` tag, as a run with ``--soft-cap none`` does)."""
+    ``max_pruning_ratio``, ``soft_cap``, ``score`` and ``soft_cap_on`` (cells from before the
+    soft cap existed ran without one: their files carry no ``-soft`` tag, as a run with
+    ``--soft-cap none`` does; the cap on every group, the default until 2026-12-04, has no
+    ``-streams`` tag, as a run with ``--soft-cap-on all`` does)."""
 
     round_to: Optional[int] = None
     max_pruning_ratio: Optional[float] = None
     soft_cap: Optional[float] = None
     score: str = "share"
-    soft_cap_on: str = "all"
+    soft_cap_on: str = "streams"
+    #: cut to the widths another method's cell (same seed and options) kept, with this method's
+    #: importance choosing the units (``ETPPruner.plan_widths``): the planner's allocation apart
+    #: from what the method's training ranks
+    widths_from: Optional[str] = None
 
     def tags(self) -> str:
         return ((f"-soft{self.soft_cap:g}" if self.soft_cap is not None else "")
                 + ("-streams" if self.soft_cap is not None and self.soft_cap_on == "streams" else "")
                 + (f"-{self.score}" if self.score != "share" else "")
                 + (f"-r{self.round_to}" if self.round_to else "")
-                + (f"-m{self.max_pruning_ratio:g}" if self.max_pruning_ratio is not None else ""))
+                + (f"-m{self.max_pruning_ratio:g}" if self.max_pruning_ratio is not None else "")
+                + (f"-w{self.widths_from}" if self.widths_from else ""))
 
 
 def cell_path(out: Path, task: str, budget: str, method: str, seed: int, plan: PlanOptions = PlanOptions(),
@@ -136,17 +143,20 @@ def _regularised(task: Task, method: methods_mod.Method, seed: int, speedup: flo
 
 def run_cell(task: Task, method: methods_mod.Method, seed: int, speedups: List[float],
              plan_options: PlanOptions, latency_repeat: int, separate: bool = False,
-             reuse: bool = False) -> Dict[str, Any]:
+             reuse: bool = False, widths: Optional[Dict[float, Dict[str, int]]] = None) -> Dict[str, Any]:
     """One cell. ``separate``: a fresh regularised training per target instead of one for all
     (to compare with the nested family from one training); ``reuse``: load the saved regularised
-    model of an earlier run of this cell instead of training again."""
+    model of an earlier run of this cell instead of training again; ``widths``: target → the
+    units kept per group (another cell's), cut instead of planning."""
     clock = Clock()
     model, pruner, config, dense, reused = _regularised(task, method, seed, max(speedups), plan_options, clock,
                                                 reuse and not separate)
     regularised = task.evaluate(model)
     with clock("plan"):
-        targets = _reachable(pruner, speedups)
-        plans = pruner.path(targets)
+        if widths is not None:
+            plans = [dataclasses.replace(pruner.plan_widths(w), target_speedup=t) for t, w in sorted(widths.items())]
+        else:
+            plans = pruner.path(_reachable(pruner, speedups))
     lat_inputs = task.latency_inputs()
     cuts = []
     for k, plan in enumerate(tqdm(plans, desc=f"{method.name} s{seed} cuts", leave=False)):
@@ -195,8 +205,12 @@ def main(argv=None) -> int:
     p.add_argument("--soft-cap", default=str(eg.pruner.SOFT_CAP),
                    help="ETPPruner's soft_cap (default its own; 'none': one ranking for every unit, as "
                         "every cell run before 2026-12-03)")
-    p.add_argument("--soft-cap-on", default="all", choices=eg.pruner.SOFT_CAP_ON,
-                   help="the groups the soft cap holds back: all (default) or only the residual streams")
+    p.add_argument("--soft-cap-on", default=eg.pruner.SOFT_CAP_ON[0], choices=eg.pruner.SOFT_CAP_ON,
+                   help="the groups the soft cap holds back: only the residual streams (default) or all "
+                        "(the default of every cell run before 2026-12-04)")
+    p.add_argument("--widths-from", default=None, metavar="METHOD",
+                   help="cut every target to the widths METHOD's cell (same seed and options) kept, the units "
+                        "chosen by this method's importance: the planner's allocation apart from the training")
     p.add_argument("--score", default="share", choices=eg.pruner.SCORES,
                    help="ETPPruner's score: a unit's share of its group's importance (default) or of what "
                         "the group still keeps")
@@ -230,7 +244,17 @@ def _run(args, argv, options: Dict[str, str], device: str) -> int:
     out = Path(args.out)
     plan = PlanOptions(args.round_to, args.max_pruning_ratio,
                        None if args.soft_cap.lower() == "none" else float(args.soft_cap), args.score,
-                       args.soft_cap_on)
+                       args.soft_cap_on, args.widths_from)
+    widths = {}
+    if args.widths_from:
+        if args.separate:
+            raise SystemExit("benchmarks.run: --widths-from cuts one trained model; leave out --separate")
+        for seed in seeds:
+            src = cell_path(out, task.name, args.budget, args.widths_from, seed,
+                            dataclasses.replace(plan, widths_from=None), False, betas.get(args.widths_from))
+            if not src.is_file():
+                raise SystemExit(f"benchmarks.run: --widths-from {args.widths_from}: no cell {src}; run it first")
+            widths[seed] = {c["target"]: c["units_kept"] for c in json.loads(src.read_text())["cuts"]}
     todo = [(m, s) for s in seeds for m in chosen
             if args.force or not cell_path(out, task.name, args.budget, m.name, s, plan, args.separate, betas.get(m.name)).is_file()]
     if distributed.world_size() > 1 and any(m.name == "torch-pruning" for m, _ in todo):
@@ -251,12 +275,13 @@ def _run(args, argv, options: Dict[str, str], device: str) -> int:
             result = run_tp_cell(task, seed, speedups, plan, args.latency_repeat)
         else:
             result = run_cell(task, method, seed, speedups, plan, args.latency_repeat, args.separate,
-                              args.reuse_regularised)
+                              args.reuse_regularised, widths.get(seed))
         result.update({"task": task.name, "method": method.name, "seed": seed, "budget": args.budget,
                        "beta_override": betas.get(method.name),
                        "options": options, "round_to": plan.round_to,
                        "max_pruning_ratio": plan.max_pruning_ratio, "soft_cap": plan.soft_cap,
-                       "score": plan.score, "soft_cap_on": plan.soft_cap_on, "commit": commit(),
+                       "score": plan.score, "soft_cap_on": plan.soft_cap_on, "widths_from": plan.widths_from,
+                       "commit": commit(),
                        "machine": machine(device), "date": time.strftime("%Y-%m-%d %H:%M"),
                        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])})
         result["wall_s"]["total"] = round(time.perf_counter() - t0, 1)

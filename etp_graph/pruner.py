@@ -40,8 +40,9 @@ T = TypeVar("T")
 SOFT_CAP = 0.75
 #: the planner's unit costs (``ETPPruner(score=...)``)
 SCORES = ("share", "kept")
-#: the groups the soft cap holds back: every one, or only the residual streams (:func:`is_stream`)
-SOFT_CAP_ON = ("all", "streams")
+#: the groups the soft cap holds back: only the residual streams (:func:`is_stream`; the default:
+#: every method gains or is level where it changes the plan, docs/results.md) or every group
+SOFT_CAP_ON = ("streams", "all")
 
 
 def is_stream(group: CoupledGroup) -> bool:
@@ -150,15 +151,17 @@ class ETPPruner:
 
     Exactly one of ``pruning_ratio``, ``target_speedup``, ``threshold`` must be given.
     ``attention_units``: ``"heads"`` (default) or ``"head_dims"``, the unit of attention groups.
-    ``soft_cap`` (``target_speedup`` only, default :data:`SOFT_CAP` = 0.75): no group loses more
-    than this fraction of its units while the target can be reached otherwise; past that, every
-    group may go to 7/8, then 15/16 … (each step halves what a group keeps), the whole model one
-    step at a time. Without it the planner's per-MAC ranking empties the MAC-cheapest wide group
-    first (a residual stream, a transformer's embedding width: measured, every method loses there;
-    docs/results.md). ``None``: one ranking for every unit (every group down to one unit).
-    ``soft_cap_on``: ``"all"`` (default) groups, or ``"streams"``: only the residual streams
-    (:func:`is_stream`) are held back; heads, FFN units and a block's inner channels go by the
-    one ranking (on MiniLM the cap on heads and FFN units cost 1.6–12.5 points, docs/results.md).
+    ``soft_cap`` (``target_speedup`` only, default :data:`SOFT_CAP` = 0.75): no residual stream
+    (see ``soft_cap_on``) loses more than this fraction of its units while the target can be
+    reached otherwise; past that, a stream may go to 7/8, then 15/16 … (each step halves what it
+    keeps), one step at a time. Without it the planner's per-MAC ranking empties the MAC-cheapest
+    wide group first: a residual stream, a transformer's embedding width (measured, every method
+    loses there; docs/results.md). ``None``: one ranking for every unit (every group down to one).
+    ``soft_cap_on``: ``"streams"`` (default): only the residual streams (:func:`is_stream`) are
+    held back; heads, FFN units and a block's inner channels go by the one ranking. ``"all"``:
+    every group is (the default before 2026-12-04; on MiniLM holding back heads and FFN units cost
+    1.6–12.5 points, on ResNet-56 and Informer every method does as well or better with
+    ``"streams"``: docs/results.md).
     ``score`` (``target_speedup`` only): what a unit's removal costs, per MAC it saves:
     ``"share"`` (default), its share of its group's total importance; ``"kept"``, its share of
     what its group still keeps when it goes (its importance over the sum of its own and every
@@ -188,7 +191,7 @@ class ETPPruner:
                  config: Optional[ETPConfig] = None, pruning_ratio: Optional[float] = None,
                  target_speedup: Optional[float] = None, threshold: Optional[float] = None,
                  attention_units: str = "heads", max_pruning_ratio: Optional[float] = None,
-                 soft_cap: Optional[float] = SOFT_CAP, score: str = "share", soft_cap_on: str = "all",
+                 soft_cap: Optional[float] = SOFT_CAP, score: str = "share", soft_cap_on: str = "streams",
                  group_filter: Optional[Callable[[CoupledGroup], bool]] = None, round_to: Optional[int] = None,
                  importance: Optional[Callable[[CoupledGroup], torch.Tensor]] = None, uniform: bool = False,
                  outputs: Optional[Sequence[Any]] = None, time_limit: Optional[float] = TIME_LIMIT):
@@ -406,6 +409,37 @@ class ETPPruner:
         costs = MacModel(self.model, self.example_inputs, self.graph.groups)
         candidates = self._candidates(costs)
         return costs.total / max(self._counted(self._prefix(candidates, len(candidates))), 1)
+
+    def plan_widths(self, widths: Dict[str, int]) -> "PrunePlan":
+        """A plan that keeps, in each group named by its root (``GroupResult.root``, a report's
+        ``units_kept``), that many units: its most important ones (the same order as every other
+        plan); groups not named keep every unit. Changes nothing.
+
+        What it is for: another plan's widths with this model's importance, e.g. the widths one
+        method's planner chose for the units another method's training ranks (benchmarks), or a
+        published architecture's widths.
+
+        Example::
+
+            >>> plan = pruner.plan_widths({"conv1": 8, "layer1.0.conv1": 4})
+            >>> small, report = pruner.pruned_copy(plan)
+        """
+        by_root = {g.root: g for g in self.graph.groups}
+        unknown = sorted(set(widths) - set(by_root))
+        if unknown:
+            raise KeyError(f"plan_widths: no group rooted at {unknown[:3]} in this model's trace "
+                           f"(groups: {sorted(by_root)[:5]}{' …' if len(by_root) > 5 else ''})")
+        removal = {}
+        for root, keep in widths.items():
+            g = by_root[root]
+            if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= g.size:
+                raise ValueError(f"plan_widths: group {root!r} has {g.size} units; keep between 1 and "
+                                 f"{g.size}, got {keep!r}")
+            if keep < g.size:
+                removal[g.id] = sorted(self._ranked(g)[1][: g.size - keep].tolist())
+        before = self._macs(self.model)
+        after = self._counted(removal)
+        return PrunePlan(before / max(after, 1), removal, before, after, self._sizes())
 
     def path(self, speedups: Sequence[float]) -> List["PrunePlan"]:
         """Plans for several MACs speed-ups from the model as it is now; changes nothing.

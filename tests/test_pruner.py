@@ -273,7 +273,7 @@ def _resnet56():
 
 def test_the_soft_cap_keeps_a_quarter_of_every_group_while_the_target_allows():
     model, x = _resnet56()
-    soft = eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=2.0)
+    soft = eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=2.0, soft_cap_on="all")
     assert soft.soft_cap == 0.75
     assert [soft._tier(k, 16) for k in range(15)] == [0] * 12 + [1, 1, 2]
     hard = eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=2.0, max_pruning_ratio=0.75)
@@ -298,7 +298,8 @@ def test_the_soft_cap_keeps_a_quarter_of_every_group_while_the_target_allows():
 
 def test_the_soft_cap_on_streams_holds_back_the_stream_only():
     model, x = _resnet56()
-    on = eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=4.0, soft_cap_on="streams")
+    on = eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=4.0)
+    assert (on.soft_cap, on.soft_cap_on) == (0.75, "streams")      # the default
     free = eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=4.0, soft_cap=None)
     streams = [g for g in on.graph.groups if eg.pruner.is_stream(g)]
     assert [g.root for g in streams] == ["conv1"]   # the residual width; a block's inner channels are not
@@ -337,3 +338,22 @@ def test_the_kept_score_grows_as_a_group_thins():
         assert all(set(a.removed.get(g, [])) <= set(b.removed.get(g, [])) for g in a.removed)
     with pytest.raises(ValueError, match="score must be one of"):
         eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=2.0, score="log")
+
+
+def test_plan_widths_keeps_the_most_important_units_to_the_widths_asked():
+    model, x = _resnet56()
+    pruner = eg.ETPPruner(model, x, ignored_layers=[model.linear], target_speedup=2.0)
+    g = next(g for g in pruner.graph.groups if g.root == "layer1.0.conv1")
+    plan = pruner.plan_widths({"conv1": 8, "layer1.0.conv1": 5})
+    kept = plan.kept(g)
+    imp = pruner.importance(g)
+    assert len(kept) == 5 and set(kept) == set(imp.topk(5).indices.tolist())
+    assert {pruner.graph.groups[i].root: g.size - len(u) for i, u in plan.removed.items()} == \
+        {"conv1": 8, "layer1.0.conv1": 5}
+    small, report = pruner.pruned_copy(plan)
+    assert report.units_kept["conv1"] == 8 and report.macs_after == plan.macs_after
+    assert eg.count_macs(small, x) == plan.macs_after < plan.macs_before == eg.count_macs(model, x)
+    with pytest.raises(KeyError, match="no group rooted at"):
+        pruner.plan_widths({"fc": 3})
+    with pytest.raises(ValueError, match="keep between 1 and 16"):
+        pruner.plan_widths({"layer1.0.conv1": 0})

@@ -39,7 +39,7 @@ def test_torchrun_two_processes_write_each_cell_once(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es)" in done.stdout and done.stdout.count("cells to run") == 1   # rank 0 speaks
     files = sorted(p.name for p in (out / "tiny-cnn" / "quick").iterdir())
-    assert files == ["etp-s0-soft0.75.json", "magnitude-s0-soft0.75.json"]                 # no temporary files left
+    assert files == ["etp-s0-soft0.75-streams.json", "magnitude-s0-soft0.75-streams.json"]                 # no temporary files left
     for name in files:
         cell = json.loads((out / "tiny-cnn" / "quick" / name).read_text())
         assert cell["machine"]["processes"] == 2
