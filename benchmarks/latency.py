@@ -11,7 +11,8 @@ timed the dense model once, minutes before its cuts and beside training jobs; on
 that gave ratios from 0.04× to 170× (ResNet-56 at 2× MACs: a dense 8.8 s against 0.11 s).
 The result replaces ``latency_ms`` and sets ``latency_speedup`` in the cut; the number timed in
 the run stays as ``latency_ms_in_run`` and ``latency_remeasured`` says when, where and how.
-Cuts already timed side by side in their run are left alone (``--force`` measures them too).
+Cuts already timed side by side, in their run or by an earlier call, are left alone (``--force``
+measures them too), so a stopped call goes on where it stopped.
 Identical widths of one task are timed once. Run it on a quiet machine.
 """
 from __future__ import annotations
@@ -33,6 +34,12 @@ from .tasks import get_task
 HERE = Path(__file__).resolve().parent
 
 
+def _due(cut: dict, force: bool) -> bool:
+    """A cut to time: it has widths, and was timed neither side by side in its run nor here."""
+    return bool(cut.get("units_kept")) and (force or not (cut.get("latency_side_by_side")
+                                                           or cut.get("latency_remeasured")))
+
+
 def _plan(pruner: eg.ETPPruner, kept: Dict[str, int]) -> Dict[int, List[int]]:
     """Remove the last units of every group down to the widths of ``kept`` (by group root)."""
     by_root = {g.root: g for g in pruner.graph.groups}
@@ -46,7 +53,7 @@ def remeasure(paths: List[Path], repeat: int, force: bool) -> int:
     by_task: Dict[Tuple[str, str, str], List[Tuple[Path, dict]]] = {}
     for p in paths:
         cell = json.loads(p.read_text())
-        todo = [c for c in cell.get("cuts", []) if c.get("units_kept") and (force or not c.get("latency_side_by_side"))]
+        todo = [c for c in cell.get("cuts", []) if _due(c, force)]
         if todo:
             key = (cell["task"], cell["budget"], json.dumps(cell.get("options", {}), sort_keys=True))
             by_task.setdefault(key, []).append((p, cell))
@@ -62,7 +69,7 @@ def remeasure(paths: List[Path], repeat: int, force: bool) -> int:
         stamp = {"date": datetime.date.today().isoformat(), "commit": commit(), "threads": torch.get_num_threads(),
                  "repeat": repeat, "how": "benchmarks.latency: widths rebuilt, dense and cut in alternating rounds"}
         for path, cell in tqdm(cells, desc=f"{name} latency"):
-            cuts = [c for c in cell["cuts"] if c.get("units_kept") and (force or not c.get("latency_side_by_side"))]
+            cuts = [c for c in cell["cuts"] if _due(c, force)]
             new = {}
             for cut in cuts:
                 key = json.dumps(cut["units_kept"], sort_keys=True)

@@ -171,6 +171,8 @@ def test_latency_of_an_old_cell_is_measured_again_from_its_widths(cells, tmp_pat
         assert c["latency_ms_in_run"] == [1e4, 1.0] and c["latency_ms"] != [1e4, 1.0]
         assert 0 < c["latency_speedup"] < 100 and c["latency_remeasured"]["repeat"] == 2
     assert json.loads((folder / "new.json").read_text()) == new
+    assert latency.main(["--results", str(tmp_path), "--repeat", "2"]) == 0      # nothing left to time
+    assert json.loads((folder / "old.json").read_text()) == again
     (folder / "old.json").write_text(json.dumps({**old, "cuts": [{**old["cuts"][0], "macs": [1, 2]}]}))
     with pytest.raises(RuntimeError, match="do not rebuild its model"):
         latency.main(["--results", str(tmp_path), "--repeat", "2"])
