@@ -41,15 +41,26 @@ def _due(cut: dict, force: bool) -> bool:
 
 
 def _plan(pruner: eg.ETPPruner, kept: Dict[str, int]) -> Dict[int, List[int]]:
-    """Remove the last units of every group down to the widths of ``kept`` (by group root)."""
+    """Remove the last units of every group down to the widths of ``kept`` (by group root). A
+    root the trace no longer has stands for the one group rooted inside it that ``kept`` does
+    not name (cells before 2026-12-02 named a BERT attention group by its attention module; the
+    trace now roots it at the query projection); the MACs check confirms the match."""
     by_root = {g.root: g for g in pruner.graph.groups}
-    missing = sorted(set(kept) - set(by_root))
-    if missing:
-        raise KeyError(f"groups {missing[:3]} of the cell are not in this trace of the model")
-    return {by_root[r].id: list(range(n, by_root[r].size)) for r, n in kept.items() if n < by_root[r].size}
+    named = {}
+    for root, n in kept.items():
+        if root not in by_root:
+            inside = [r for r in by_root if r.startswith(root + ".") and r not in kept]
+            if len(inside) != 1:
+                raise KeyError(f"group {root!r} of the cell is not in this trace of the model "
+                               f"(groups rooted inside it: {inside})")
+            root = inside[0]
+        named[root] = n
+    return {by_root[r].id: list(range(n, by_root[r].size)) for r, n in named.items() if n < by_root[r].size}
 
 
-def remeasure(paths: List[Path], repeat: int, force: bool) -> int:
+def remeasure(paths: List[Path], repeat: int, force: bool) -> Tuple[int, List[str]]:
+    """Re-measure the cuts due; returns the number of cells written and, for each cell whose
+    widths do not rebuild its model (left as it was), why."""
     by_task: Dict[Tuple[str, str, str], List[Tuple[Path, dict]]] = {}
     for p in paths:
         cell = json.loads(p.read_text())
@@ -57,7 +68,7 @@ def remeasure(paths: List[Path], repeat: int, force: bool) -> int:
         if todo:
             key = (cell["task"], cell["budget"], json.dumps(cell.get("options", {}), sort_keys=True))
             by_task.setdefault(key, []).append((p, cell))
-    done = 0
+    done, failed = 0, []
     for (name, budget, options), cells in by_task.items():
         task = get_task(name)(budget, "cpu", json.loads(options))
         task.load()
@@ -71,16 +82,21 @@ def remeasure(paths: List[Path], repeat: int, force: bool) -> int:
         for path, cell in tqdm(cells, desc=f"{name} latency"):
             cuts = [c for c in cell["cuts"] if _due(c, force)]
             new = {}
-            for cut in cuts:
-                key = json.dumps(cut["units_kept"], sort_keys=True)
-                if key in timed or key in new:
-                    continue
-                small, _ = pruner.pruned_copy(_plan(pruner, cut["units_kept"]))
-                macs = eg.count_macs(small, example)
-                if macs != cut["macs"][1]:
-                    raise RuntimeError(f"{path}: the rebuilt {cut['target']:g}x cut counts {macs:,} MACs, "
-                                       f"the cell {cut['macs'][1]:,}: its widths do not rebuild its model")
-                new[key] = small
+            try:
+                for cut in cuts:
+                    key = json.dumps(cut["units_kept"], sort_keys=True)
+                    if key in timed or key in new:
+                        continue
+                    small, _ = pruner.pruned_copy(_plan(pruner, cut["units_kept"]))
+                    macs = eg.count_macs(small, example)
+                    if macs != cut["macs"][1]:
+                        raise RuntimeError(f"the rebuilt {cut['target']:g}x cut counts {macs:,} MACs, the cell "
+                                           f"{cut['macs'][1]:,}: its widths do not rebuild its model")
+                    new[key] = small
+            except (KeyError, RuntimeError, ValueError) as e:
+                failed.append(f"{path}: {e}")
+                tqdm.write(f"left as it was: {failed[-1]}")
+                continue
             if new:     # the dense model and this cell's new widths in the same rounds
                 dense, *smalls = eg.compare_latency([model, *new.values()], inputs, warmup=2, repeat=repeat)
                 for key, lat in zip(new, smalls):
@@ -91,7 +107,7 @@ def remeasure(paths: List[Path], repeat: int, force: bool) -> int:
                 cut["latency_remeasured"] = stamp
             path.write_text(json.dumps(cell, indent=1))
             done += 1
-    return done
+    return done, failed
 
 
 def main(argv=None) -> int:
@@ -104,8 +120,11 @@ def main(argv=None) -> int:
     tasks = set(args.tasks.split(",")) if args.tasks else None
     paths = [q for q in sorted(Path(args.results).rglob("*.json"))
              if tasks is None or json.loads(q.read_text()).get("task") in tasks]
-    print(f"{remeasure(paths, args.repeat, args.force)} cells re-measured")
-    return 0
+    done, failed = remeasure(paths, args.repeat, args.force)
+    print(f"{done} cells re-measured" + (f"; {len(failed)} left as they were:" if failed else ""))
+    for f in failed:
+        print(f"  {f}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
