@@ -54,6 +54,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         same = all(s.keys() == states[0].keys() and all(torch.equal(s[k], states[0][k]) for k in s) for s in states)
         torch.save({"same_state": same, "same_out": all(torch.equal(o, got[0][1]) for _, o, _ in got),
                     "kept": [k for _, _, k in got], "speedup": report.speedup, "shapes": {k: tuple(v.shape) for k, v in states[0].items()}}, out)
+    dist.barrier()   # leave together: a rank tearing gloo down while its peer still works can abort
     dist.destroy_process_group()
 
 

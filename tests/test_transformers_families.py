@@ -178,7 +178,9 @@ def test_t5_tied_width_and_cross_attention_prune_when_only_the_logits_must_stay(
     model, x = _t5()
     # by default the encoder's last hidden state is an output whose width must stay
     g = eg.trace(model, x, ignored_layers=[model.lm_head])
-    assert [s.reason for s in g.skipped if s.root == "encoder.embed_tokens"][0].startswith("its channels reach a model output")
+    reason = [s.reason for s in g.skipped if s.root == "encoder.embed_tokens"][0]
+    assert reason.startswith("its channels reach a model output")
+    assert "outputs=['logits']" in reason   # the message names the fix used below
     g = eg.trace(model, x, ignored_layers=[model.lm_head], outputs=["logits"])
     assert not g.skipped
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]

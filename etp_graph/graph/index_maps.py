@@ -75,6 +75,14 @@ def channel_dim(node, rank: int) -> Optional[int]:
     return None
 
 
+def _channel_dim(bk: Backend, node, rank: int) -> Optional[int]:
+    """:func:`channel_dim`, and the last dim of a channel-last map ``(B, H, W, C)`` (Swin's
+    windows and patch merging, :func:`_channel_last`)."""
+    if rank >= 4 and _channel_last(bk, node):
+        return rank - 1
+    return channel_dim(node, rank)
+
+
 def _layers_upstream(node, passes: Callable[[Any], bool]) -> Iterator[Any]:
     """The handlers of the nearest layers upstream of ``node`` (depth first, each walk stopping
     at a layer), and ``None`` for each node on the way that ``passes`` does not let through."""
@@ -93,19 +101,18 @@ def _layers_upstream(node, passes: Callable[[Any], bool]) -> Iterator[Any]:
 
 
 # ---------------------------------------------------------------------------------- pads
-def _channel_pad(pad: Sequence[int], ndim: Optional[int]) -> Tuple[Optional[int], Optional[int]]:
-    """(front, back) padding of dim 1 for a pad spec, or (None, None) when dim 1 is not padded."""
-    pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)]  # last dim first
-    if ndim is None:
-        return (None, None)
-    k = ndim - 1 - 1  # position of dim 1 in the pairs list
-    if k < 0 or k >= len(pairs) or pairs[k] == (0, 0):
-        return (None, None)
-    return pairs[k]
+def _padded(pad: Sequence[int], ndim: int, dim: int) -> Tuple[int, int]:
+    """(front, back) padding of ``dim`` for an ``F.pad`` spec (pairs from the last dim back)."""
+    k = ndim - 1 - dim
+    return (pad[2 * k], pad[2 * k + 1]) if 0 <= k < len(pad) // 2 else (0, 0)
 
 
 def map_channel_pads(bk: Backend) -> None:
-    """Give each ``F.pad`` on the channel dimension the offset map of a concat with zeros."""
+    """Give each ``F.pad`` on the channel dimension the offset map of a concat with zeros.
+
+    The channel dimension is the tensor's own (:func:`channel_dim`: 1, or the last of a 3-D
+    token tensor), so a pad along a sequence (MobileBERT's trigram shift) leaves channels where
+    they are; where that dimension is unknown and the pad could be on it, the node is refused."""
     for node in bk.dg.module2node.values():
         if node.type != tp_ops.OPTYPE.ELEMENTWISE or node.grad_fn is None or op_name(node.grad_fn) != PAD:
             continue
@@ -113,11 +120,21 @@ def map_channel_pads(bk: Backend) -> None:
         if len(node.inputs) != 1:
             continue
         inp = node.inputs[0]
-        ndim = len(bk.shape(node) or ()) or None
-        front, back = _channel_pad(pad, ndim)
-        if front is None:
+        shape = bk.shape(node)
+        ndim = len(shape or ())
+        if ndim < 2:
             continue
-        width = bk.shape(node)[1] - front - back   # from the recorded output shape, never inferred
+        cdim = _channel_dim(bk, node, ndim)
+        if cdim is None:
+            if any(_padded(pad, ndim, d) != (0, 0) for d in (1, 2)):
+                bk.facts(node).refuse = (f"F.pad {list(pad)} of a {ndim}-D tensor whose channel dimension "
+                                         "is unknown (a dimension move or reshape comes first): which "
+                                         "dimension it pads, and so the channel map, is unknown")
+            continue
+        front, back = _padded(pad, ndim, cdim)
+        if (front, back) == (0, 0):
+            continue
+        width = shape[cdim] - front - back   # from the recorded output shape, never inferred
         bk.facts(node).pad_span = (front, front + width)
         for dep in node.dependencies:
             if dep.target is inp:
@@ -125,6 +142,35 @@ def map_channel_pads(bk: Backend) -> None:
         for dep in inp.dependencies:
             if dep.target is node:
                 dep.index_mapping[0] = _ConcatIndexMapping([front, front + width], reverse=False)
+
+
+def _slice_input_rank(bk: Backend, node) -> int:
+    fn = node.grad_fn
+    if hasattr(fn, "_saved_self_sym_sizes"):
+        return len(fn._saved_self_sym_sizes)
+    return len(bk.shape(node.inputs[0]) or ()) if node.inputs else 0
+
+
+def map_slices(bk: Backend) -> None:
+    """A slice along any dimension but the channels leaves them where they are.
+
+    The backend takes dim 1 of a 4-D tensor (dim 2 of a 3-D one) for the channels and maps any
+    slice of a 2-D tensor as a channel slice; a channel-last map's ``x[:, 0::2]`` (Swin's patch
+    merging) slices its height, and a ``(B, C, L)`` sequence's ``x[:, :, :-k]`` (a causal
+    convolution's trim) its time. Where the input's channel dimension is unknown, the backend's
+    map stays (and the groups through it are verified like any other)."""
+    for node in list(bk.dg.module2node.values()):
+        if node.type != tp_ops.OPTYPE.SLICE or node.grad_fn is None or len(node.inputs) != 1:
+            continue
+        fn = node.grad_fn
+        rank = _slice_input_rank(bk, node)
+        if rank < 2 or not hasattr(fn, "_saved_dim"):
+            continue
+        cdim = _channel_dim(bk, node.inputs[0], rank)
+        if cdim is None or saved_dim(fn._saved_dim, rank) == cdim:
+            continue
+        bk.own(node)
+        _set_maps(node, node.inputs[0], None, None)
 
 
 # ------------------------------------------------------------------------------ reshapes
@@ -171,6 +217,10 @@ def _channel_last(bk: Backend, node) -> bool:
     (row-major order keeps element ``[…, c]`` at channel ``c`` through any such reshape)."""
     def keeps_last(n) -> bool:
         rank = len(bk.shape(n) or ())
+        fn = n.grad_fn
+        if not rank and fn is not None and op_name(fn) == "Slice" and hasattr(fn, "_saved_self_sym_sizes"):
+            rank = len(fn._saved_self_sym_sizes)   # an unrecorded slice (Swin's x[:, 0::2, 0::2, :])
+            return saved_dim(fn._saved_dim, rank) != rank - 1
         if not rank:
             return False
         if n.grad_fn is not None and op_name(n.grad_fn) in DIM_MOVES:
@@ -276,7 +326,7 @@ def map_concats(bk: Backend) -> None:
             continue
         rank = len(shapes[0])
         dim = saved_dim(dim, rank)
-        cdim = channel_dim(node, rank)
+        cdim = _channel_dim(bk, node, rank)
         if cdim is None:
             continue
         bk.own(node)
@@ -370,7 +420,7 @@ def map_splits(bk: Backend) -> None:
 #: The passes in their order. Splits come after reshapes: a reshape mapped here is retyped for
 #: the backend (``Backend.own``), so :func:`channel_dim` then looks through it to the layer that
 #: wrote the tensor; the other passes do not depend on each other.
-PASSES = (map_channel_pads, map_reshapes, map_concats, map_splits)
+PASSES = (map_channel_pads, map_slices, map_reshapes, map_concats, map_splits)
 
 
 def map_indices(bk: Backend) -> None:

@@ -280,5 +280,6 @@ def check_group(model: nn.Module, example_inputs: Any, group, fraction: Optional
         return None
     if why.kind == "shape":
         return (f"its channels reach a model output ({why}); add the layer producing that output "
-                "to ignored_layers")
+                "to ignored_layers, or, where that output is not needed (a hidden state returned "
+                "beside the logits), name the outputs a cut must keep: trace(..., outputs=['logits'])")
     return f"verification failed ({why}); the backend's channel map is wrong here"

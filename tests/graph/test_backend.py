@@ -9,6 +9,7 @@ from torch_pruning.dependency import index_mapping as tp_index_mapping
 import etp_graph as eg
 from etp_graph.graph import backend, index_maps
 from etp_graph.graph.backend import Backend, build_backend
+from etp_graph.testing import assert_prune_equivalent
 
 
 class Cat(nn.Module):
@@ -32,7 +33,7 @@ def test_facts_live_in_the_backend_wrapper_not_on_its_nodes():
 
 
 def test_passes_run_in_their_declared_order():
-    assert index_maps.PASSES == (index_maps.map_channel_pads, index_maps.map_reshapes,
+    assert index_maps.PASSES == (index_maps.map_channel_pads, index_maps.map_slices, index_maps.map_reshapes,
                                  index_maps.map_concats, index_maps.map_splits)
 
 
@@ -62,3 +63,50 @@ def _tolerated(node) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+class PatchMerge(nn.Module):
+    """Swin's patch merging on a channel-last map ``(B, H, W, C)``: four strided slices along
+    height and width, concatenated along the channels, the spatial dims merged again."""
+
+    def __init__(self, norm: bool):
+        super().__init__()
+        self.inp, self.red, self.head = nn.Linear(3, 8), nn.Linear(32, 5), nn.Linear(5, 2)
+        self.norm = nn.LayerNorm(32) if norm else nn.Identity()
+
+    def forward(self, x):   # (B, 16, 3): a 4 × 4 map of tokens
+        h = self.inp(x).view(x.shape[0], 4, 4, -1)
+        h = torch.cat([h[:, 0::2, 0::2], h[:, 1::2, 0::2], h[:, 0::2, 1::2], h[:, 1::2, 1::2]], -1)
+        return self.head(self.red(self.norm(h.reshape(x.shape[0], 4, -1))).mean(1))
+
+
+def test_slices_of_a_channel_last_map_keep_the_channels_and_their_concat_copies_them():
+    torch.manual_seed(0)
+    for norm in (False, True):
+        m, x = PatchMerge(norm), torch.randn(2, 16, 3)
+        g = eg.trace(m, x, ignored_layers=[m.head])
+        assert not g.skipped, g.skipped
+        inp = next(q for q in g.groups if q.root == "inp")
+        cols = next(i for i in inp.items if i.owner == "red").index.view(4, 8)   # unit u in each copy
+        assert all(set(cols[:, u].tolist()) == {u, 8 + u, 16 + u, 24 + u} for u in range(8))
+        checks = assert_prune_equivalent(m, x, ignored_layers=[m.head])
+        assert {c.checked for c in checks} == ({"values", "shape"} if norm else {"values"})
+
+
+class CausalTrim(nn.Module):
+    """A causal convolution: padded on both sides, the last ``k`` steps cut (a slice of time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.head = nn.Conv1d(4, 8, 3, padding=2), nn.Conv1d(8, 6, 1), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.c2(torch.relu(self.c1(x)[:, :, :-2])).mean(-1))
+
+
+def test_a_slice_of_time_leaves_the_channels_whole():
+    torch.manual_seed(0)
+    m, x = CausalTrim(), torch.randn(2, 4, 10)
+    g = eg.trace(m, x, ignored_layers=[m.head])
+    assert [(q.root, q.size) for q in g.groups] == [("c1", 8), ("c2", 6)] and not g.skipped
+    assert {c.checked for c in assert_prune_equivalent(m, x, ignored_layers=[m.head])} == {"values"}

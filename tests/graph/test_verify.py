@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import etp_graph as eg
+from etp_graph.testing import assert_prune_equivalent
 from etp_graph.graph.verify import check_group, compare, experiment, mask_and_prune
 from graph_models import X8, chain
 
@@ -153,3 +154,54 @@ def test_resnet50_with_large_weights_has_no_round_off_refusals():
             m(torch.randn(8, 3, 64, 64))
     g = eg.trace(m.eval(), torch.randn(2, 3, 64, 64), ignored_layers=[m.fc])
     assert (len(g.groups), g.skipped) == (37, [])
+
+
+class Trigram(nn.Module):
+    """MobileBERT's embedding: each token's vector beside its neighbours' (pads along the
+    sequence of a (B, T, C) tensor), projected to a hidden width that a second embedding is
+    added into; the hidden width and the embedding width are two exact groups, and the layer
+    reading the embedding's channels is the one whose outputs are the hidden width."""
+
+    def __init__(self, e=12, h=16):
+        super().__init__()
+        self.tok = nn.Embedding(50, e)
+        self.proj = nn.Linear(3 * e, h)
+        self.pos = nn.Embedding(10, h)
+        self.head = nn.Linear(h, 3)
+
+    def forward(self, ids):
+        x = self.tok(ids)
+        x = torch.cat([F.pad(x[:, 1:], [0, 0, 0, 1]), x, F.pad(x[:, :-1], [0, 0, 1, 0])], dim=2)
+        return self.head(torch.relu(self.proj(x) + self.pos(torch.arange(ids.shape[1]))))
+
+
+IDS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def test_a_pad_along_the_sequence_leaves_the_channels_where_they_are():
+    torch.manual_seed(0)
+    m = Trigram()
+    g = eg.trace(m, IDS, ignored_layers=[m.head])
+    tok = next(x for x in g.groups if x.root == "tok")
+    assert tok.size == 12 and not g.skipped
+    cols = next(i for i in tok.items if i.owner == "proj")
+    assert sorted(cols.index.tolist()) == list(range(36))
+    per_unit = cols.index.view(3, 12)   # unit u's column in each of the three copies
+    assert all(set(per_unit[:, u].tolist()) == {u, 12 + u, 24 + u} for u in range(12))
+    assert_prune_equivalent(m, IDS, ignored_layers=[m.head])
+
+
+def test_a_wrong_map_read_by_a_layer_another_group_cuts_is_refused(monkeypatch):
+    """The checks of all exact groups at once must not lose the comparison at the layer that
+    reads a group's channels because another group of the same pair cuts that layer's outputs."""
+    from etp_graph.graph import index_maps
+    right = index_maps._padded
+    monkeypatch.setattr(index_maps, "_padded", lambda pad, ndim, dim: right(pad, ndim, 1))  # dim 1 taken for channels
+    torch.manual_seed(0)
+    m = Trigram()
+    with torch.no_grad():   # a head that barely moves: the wrong map is invisible at the output
+        m.head.weight.mul_(1e-6)
+    g = eg.trace(m, IDS, ignored_layers=[m.head])
+    assert [s.root for s in g.skipped] == ["tok"]
+    assert "the output of 'proj'" in g.skipped[0].reason
+    assert any("proj" in {i.owner for i in x.items if i.role == "out"} for x in g.groups)   # the hidden width
