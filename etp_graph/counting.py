@@ -78,7 +78,7 @@ aten::gelu aten::gelu_ aten::glu aten::hardswish aten::hardtanh aten::im2col ate
 aten::index_select aten::le aten::leaky_relu aten::log aten::log_softmax aten::logsumexp aten::lt
 aten::masked_fill_ aten::max_pool1d aten::max_pool2d aten::max_pool2d_with_indices
 aten::max_pool3d aten::mean aten::min aten::mul aten::mul_ aten::ne aten::neg aten::new_ones
-aten::numpy_T aten::ones_like aten::pad aten::pow aten::prelu aten::randint
+aten::numpy_T aten::ones_like aten::pad aten::pow aten::pow_ aten::prelu aten::randint
 aten::reflection_pad1d aten::reflection_pad2d aten::repeat aten::replication_pad1d
 aten::replication_pad2d aten::rsqrt aten::rsub aten::scatter aten::scatter_add
 aten::scatter_add_ aten::scatter_reduce aten::scatter_reduce_ aten::sigmoid aten::silu

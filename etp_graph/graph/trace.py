@@ -474,6 +474,34 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
             log.debug("channel flows skipped: %s: %s", type(e).__name__, e)
     if reorder:
         _reorder(graph)
+    graph.skipped += _unknown_layers(bk, graph, ignored)
+
+
+def _unknown_layers(bk: Backend, graph: ChannelGraph, ignored: Set[nn.Module]) -> List[SkippedGroup]:
+    """Leaf modules without a handler whose own weight (a parameter of two or more dims) the
+    forward used, and that no group touches: each a refusal with the reason, never silence (PyG's
+    ``Linear`` computes ``F.linear`` with its own weight; nothing says which dim is its channels)."""
+    used: Set[int] = set()
+    for node in bk.dg.module2node.values():
+        for nxt, _ in getattr(node.grad_fn, "next_functions", ()) or ():
+            var = getattr(nxt, "variable", None)
+            if var is not None:
+                used.add(id(var))
+    touched = {it.owner for g in graph.groups for it in g.items}
+    named = {s.root for s in graph.skipped}
+    ignored = {id(sub) for m in ignored for sub in m.modules()}
+    out = []
+    for name, m in graph.model.named_modules():
+        if id(m) in ignored or next(m.children(), None) is not None or get_handler(m) is not None \
+                or name in touched or name in named:
+            continue
+        params = [(k, tuple(p.shape)) for k, p in m.named_parameters(recurse=False) if p.dim() >= 2 and id(p) in used]
+        if params:
+            out.append(SkippedGroup(name, (
+                f"{type(m).__module__}.{type(m).__qualname__} has no layer handler: the forward uses its {params[0][0]} {params[0][1]}, "
+                "but which of its dims are channels is not known, so nothing through it is pruned; "
+                "register a handler for it (etp_graph.handlers.register_handler) or add it to ignored_layers")))
+    return out
 
 
 def _flows(graph: ChannelGraph, example_inputs, ignored: Set[nn.Module], splits: bool, attentions,

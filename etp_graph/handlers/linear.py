@@ -1,5 +1,9 @@
-"""``nn.Linear`` (and subclasses such as ``NonDynamicallyQuantizableLinear``): ``weight [out, in]``."""
+"""``nn.Linear`` (and subclasses such as ``NonDynamicallyQuantizableLinear``): ``weight [out, in]``;
+PyG's ``torch_geometric.nn.Linear`` (GCN, GraphSAGE, TransformerConv, … project with it): the same
+layout, a module of its own that calls ``F.linear``."""
 from __future__ import annotations
+
+import sys
 
 import torch.nn.functional as F
 from torch import nn
@@ -27,3 +31,28 @@ class LinearHandler(LayerHandler):
 
     def num_channels(self, m, role):
         return m.out_features if role == "out" else m.in_features
+
+
+def _is_pyg_linear(m: nn.Module) -> bool:
+    linear = sys.modules.get("torch_geometric.nn.dense.linear")   # imported already where one exists
+    return linear is not None and type(m) is getattr(linear, "Linear", None)
+
+
+@register_handler
+class PyGLinearHandler(LinearHandler):
+    """``torch_geometric.nn.Linear``: ``weight [out, in]`` as ``nn.Linear``. The backend does not
+    know the module (it would see its ``mm`` as an element-wise op), so it gets a leaf adapter."""
+    module_types = ()
+    backend_lacks = True
+
+    def matches(self, m: nn.Module) -> bool:
+        return _is_pyg_linear(m)
+
+    def own_call(self, m, func, given):
+        return False
+
+    def refresh(self, m, removed):
+        m.out_channels, m.in_channels = m.weight.shape
+
+    def num_channels(self, m, role):
+        return m.weight.shape[0] if role == "out" else m.weight.shape[1]
