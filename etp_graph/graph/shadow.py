@@ -270,7 +270,8 @@ class _Run:
                     p.default_scale = True
             return
         if name == "baddbmm":
-            a, b = (kwargs.get("batch1", args[1]), kwargs.get("batch2", args[2]))
+            # (self, batch1, batch2) by position or by name (BLOOM: ``alibi.baddbmm(batch1=q, batch2=k)``)
+            a, b = (kwargs[n] if n in kwargs else args[i] for i, n in ((1, "batch1"), (2, "batch2")))
         else:
             a, b = args[0], args[1]
         self._matmul(a, b, out)

@@ -120,6 +120,17 @@ class Einsum(Separate):
         return self.wo(torch.einsum("bhts,bhsd->bthd", att, v).reshape(B, T, -1))
 
 
+class BaddbmmByName(Separate):
+    """BLOOM's scores: ``bias.baddbmm(batch1=q, batch2=kᵀ)``, the operands passed by name."""
+
+    def forward(self, x):
+        split = lambda t: t.view(B, T, self.n_h, self.d).transpose(1, 2).reshape(B * self.n_h, T, self.d)  # noqa: E731
+        q, k, v = split(self.wq(x)), split(self.wk(x)), split(self.wv(x))
+        att = torch.zeros(1, T, T).baddbmm(batch1=q, batch2=k.transpose(1, 2), alpha=self.d ** -0.5).softmax(-1)
+        y = torch.bmm(att, v).view(B, self.n_h, T, self.d).transpose(1, 2)
+        return self.wo(y.reshape(B, T, self.n_h * self.d))
+
+
 X = torch.randn(B, T, 8)
 
 
@@ -143,7 +154,8 @@ class Scaled(Separate):
     (Fused, "heads", 4, 8, [("groups_of_heads", 1), ("width", 8)]),
     (Scaled, "head_dims", 4, 8, [("d", 1)]),
     (Einsum, "heads", 4, 8, [("n_h", 1)]),
-], ids=["separate", "fused", "head_dims", "einsum"])
+    (BaddbmmByName, "heads", 4, 8, [("n_h", 1)]),
+], ids=["separate", "fused", "head_dims", "einsum", "baddbmm-by-name"])
 def test_heads_found_from_the_trace(attn, units, heads, dims, counters):
     m = Block(attn())
     g, att = _attention(m, units)
