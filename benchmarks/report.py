@@ -116,7 +116,7 @@ def table(cells: List[dict], metric: str, digits: int) -> List[str]:
                        f"{_ms([c['regularised'][metric] for c in mine], digits)} | " + " | ".join(vals)
                        + f" | {len(mine)} |")
         out.append("")
-    out += ["MACs speed-up / latency speed-up (measured, mean over seeds):", "",
+    out += ["MACs speed-up / latency speed-up (each cut timed beside its dense model in alternating rounds, the input shape is each cell's config.latency.inputs; mean over seeds):", "",
             "| method | " + " | ".join(f"{t:g}×" for t in targets) + " |",
             "| --- | " + " | ".join("---" for _ in targets) + " |"]
     for name in _order(rows):
