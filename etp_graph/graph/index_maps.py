@@ -110,8 +110,8 @@ def _padded(pad: Sequence[int], ndim: int, dim: int) -> Tuple[int, int]:
 def map_channel_pads(bk: Backend) -> None:
     """Give each ``F.pad`` on the channel dimension the offset map of a concat with zeros.
 
-    The channel dimension is the tensor's own (:func:`channel_dim`: 1, or the last of a 3-D
-    token tensor), so a pad along a sequence (MobileBERT's trigram shift) leaves channels where
+    The channel dimension is the tensor's own (:func:`_channel_dim`: 1, or the last of a 3-D
+    token tensor or of a channel-last map), so a pad along a sequence (MobileBERT's trigram shift) leaves channels where
     they are; where that dimension is unknown and the pad could be on it, the node is refused."""
     for node in bk.dg.module2node.values():
         if node.type != tp_ops.OPTYPE.ELEMENTWISE or node.grad_fn is None or op_name(node.grad_fn) != PAD:
