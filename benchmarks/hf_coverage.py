@@ -1,6 +1,6 @@
 """Coverage of the installed ``transformers`` families: random weights, 2 layers, width 64.
 
-    python -m benchmarks.hf_coverage [heads|head_dims] [gpt2,llama,qwen2,bert,roberta,vit,t5,distilbert]
+    python -m benchmarks.hf_coverage [heads|query_heads|head_dims] [gpt2,llama,llama-mqa,falcon-mqa,qwen2,...]
 
 Per model: groups and refusals of ``eg.trace`` (the task head ignored), how many Linear/Conv1D
 layers outside the head have their output channels in a group, and ``assert_prune_equivalent``
@@ -24,6 +24,12 @@ def build(name):
                                               bos_token_id=0, eos_token_id=0)), ids, "lm_head"
     if name == "llama":
         return T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, vocab_size=100, **small)), ids, "lm_head"
+    if name == "llama-mqa":
+        return T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=1, vocab_size=100, **small)), ids, "lm_head"
+    if name == "falcon-mqa":
+        return (T.FalconForCausalLM(T.FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, multi_query=True, alibi=False,
+                                                   new_decoder_architecture=False)), ids, "lm_head")
     if name == "qwen2":
         return T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=2, vocab_size=100, **small)), ids, "lm_head"
     if name == "bert":

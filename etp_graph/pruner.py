@@ -150,7 +150,8 @@ class ETPPruner:
             group) is below this.
 
     Exactly one of ``pruning_ratio``, ``target_speedup``, ``threshold`` must be given.
-    ``attention_units``: ``"heads"`` (default) or ``"head_dims"``, the unit of attention groups.
+    ``attention_units``: ``"heads"`` (default), ``"query_heads"`` or ``"head_dims"``, the unit of
+    attention groups (:func:`etp_graph.trace`).
     ``soft_cap`` (``target_speedup`` only, default :data:`SOFT_CAP` = 0.75): no residual stream
     (see ``soft_cap_on``) loses more than this fraction of its units while the target can be
     reached otherwise; past that, a stream may go to 7/8, then 15/16 … (each step halves what it

@@ -23,6 +23,12 @@ def _build(name):
         return T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, vocab_size=100, **small)), "lm_head", 2
     if name == "qwen2":
         return T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=2, vocab_size=100, **small)), "lm_head", 2
+    if name == "llama-mqa":   # one key/value head: the unit is a query head
+        return T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=1, vocab_size=100, **small)), "lm_head", 4
+    if name == "falcon-mqa":  # a fused projection of 4 query heads, one key and one value head
+        return T.FalconForCausalLM(T.FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, multi_query=True, alibi=False,
+                                                  new_decoder_architecture=False)), "lm_head", 4
     if name == "roberta":
         return T.RobertaForSequenceClassification(T.RobertaConfig(vocab_size=100, **small)), "classifier.out_proj", 4
     if name == "distilbert":
@@ -40,7 +46,7 @@ def _inputs(name):
     return {"input_ids": torch.randint(0, 100, (2, 8), generator=g)}
 
 
-FAMILIES = ["gpt2", "llama", "qwen2", "roberta", "distilbert", "vit"]
+FAMILIES = ["gpt2", "llama", "qwen2", "llama-mqa", "falcon-mqa", "roberta", "distilbert", "vit"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -56,7 +62,10 @@ def test_attention_heads_found_and_every_group_exact(name):
     layers = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D") and m is not head]
     rows = {i.owner for g in graph.groups for i in g.items
             if i.attr == "weight" and i.dim == (1 if type(model.get_submodule(i.owner)).__name__ == "Conv1D" else 0)}
-    assert sum(n in rows for n in layers) >= 0.95 * len(layers), sorted(set(layers) - rows)
+    if name == "llama-mqa":   # the one key/value head stays: k_proj and v_proj keep their outputs
+        assert set(layers) - rows == {f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "kv"}
+    else:
+        assert sum(n in rows for n in layers) >= 0.95 * len(layers), sorted(set(layers) - rows)
     checks = assert_prune_equivalent(model, x, ignored_layers=[head])
     assert {c.root for c in checks if c.checked == "values"} >= {g.root for g in att}
 
@@ -70,6 +79,41 @@ def test_head_dims_where_the_forward_allows_them(name):
     att = [g for g in graph.groups if "attention" in g.ops]
     assert len(att) == 2 and all(g.size == 16 for g in att), graph.skipped
     assert_prune_equivalent(model, x, ignored_layers=[head], attention_units="head_dims")
+
+
+def test_query_heads_of_grouped_query_attention_prune_and_round_trip(tmp_path):
+    """``attention_units="query_heads"`` on LLaMA with 4 query heads over 2 key/value heads: a
+    unit is one query head of each key/value head; the keys and values stay. Cut uniformly, the
+    config's ``num_attention_heads`` follows and ``num_key_value_heads`` does not."""
+    model, head, _ = _build("llama")
+    model.eval()
+    x = _inputs("llama")
+    graph = eg.trace(model, x, ignored_layers=[model.lm_head], attention_units="query_heads")
+    att = [g for g in graph.groups if "attention" in g.ops]
+    assert not graph.skipped and [g.size for g in att] == [2, 2]
+    assert not [i for g in att for i in g.items if i.owner.endswith(("k_proj", "v_proj"))]
+    checks = assert_prune_equivalent(model, x, ignored_layers=[model.lm_head], attention_units="query_heads")
+    assert {c.root for c in checks if c.checked == "values"} >= {g.root for g in att}
+    keep = lambda g: "attention" in g.ops   # noqa: E731
+    pruner = eg.ETPPruner(model, x, ignored_layers=[model.lm_head], pruning_ratio=0.5, uniform=True,
+                          attention_units="query_heads", group_filter=keep)
+    plan, masked = pruner.plan(), copy.deepcopy(model)
+    assert plan and all(len(units) == 1 for units in plan.values())   # one query head per key/value head
+    for g in pruner.graph.groups:
+        if plan.get(g.id):
+            g.zero_(plan[g.id], model=masked)
+    report = pruner.step(plan=plan)
+    assert report.config_note is None, report.config_note
+    # decoding reads the query heads per key/value head on its own path (one query token)
+    prompt, kw = x["input_ids"][:1, :4], dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, **kw), masked.generate(prompt, **kw))
+    layer = model.model.layers[0].self_attn
+    assert (layer.q_proj.out_features, layer.k_proj.out_features, layer.num_key_value_groups) == (32, 32, 1)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (2, 2)
+    model.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(**x).logits, again(**x).logits, atol=1e-5)
 
 
 def test_rotary_models_refuse_head_dims_with_the_reason():

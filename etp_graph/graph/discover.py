@@ -7,7 +7,11 @@ what the scores were mixed with (T5's per-head relative position bias). The comp
 share layers are one attention; a unit is a component (``attention_units="heads"``) or one
 coordinate inside every head (``"head_dims"``: dimension ``j`` of q, k, v and of the output
 projection's columns, where q/k and v heads are equally wide and no rotary embedding pairs
-dimensions).
+dimensions). Where key/value heads are shared, ``"query_heads"`` makes unit ``s`` the ``s``-th
+query head of every key/value head (keys and values stay; each key/value head keeps as many
+query heads); with one key/value head (multi-query attention) ``"heads"`` does the same, as the
+component alone could not be cut. A free table every head reads alike at its place inside the
+head (a rotary embedding's frequencies) joins no heads.
 
 The cut must also update what the forward of the attention module reads to shape its tensors
 (``split_size``, ``all_head_size``, ``num_heads`` …). Candidates are the int attributes that
@@ -15,10 +19,14 @@ the host module (the one whose forward runs the products) read during the shadow
 value is one of the attention's counts (heads of a layer, its width, its head size). The engine
 tries the smallest sets of updates first and keeps the first with which the pruned model agrees
 with the masked one (mask-then-prune, by value): an attribute is changed only when the cut model
-needs it, so an unrelated one with an equal value (``layer_idx``) stays as it is.
+needs it, so an unrelated one with an equal value (``layer_idx``) stays as it is. Query-head units
+change the number of query heads per key/value head, which a forward may read on a path the
+check does not run (Hugging Face's decoding step packs the query heads by it): there, the counts
+that hold the same value in every module of the host's class are tried first.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 from typing import Dict, List, Optional, Set, Tuple
@@ -80,6 +88,43 @@ def _isin_sorted(x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
     return known[at] == x
 
 
+def _per_dimension_tables(sh: Shadows) -> torch.Tensor:
+    """The (sorted) ids of free-tensor entries that meet some head at several but not all of its
+    dimensions: a table indexed by the place inside a head (a rotary embedding's frequencies:
+    entry ``j`` meets dimensions ``j`` and ``j + d/2``), which every head reads alike. Such an
+    entry joins no heads; an entry of a per-head table meets one id of its head (a score) or all
+    of its dimensions (a per-head scale)."""
+    free = [(src.base, src.base + src.size) for src in sh.sources if src.module is None]
+    if not free or not sh.mixed:
+        return torch.zeros(0, dtype=torch.long)
+    coords: Dict[int, int] = {}
+    for p in sh.products:
+        for g, j in p.coords.items():
+            coords.setdefault(g, j)
+    layers = sorted((src.base, src.size) for src in sh.sources if src.module is not None)
+    starts = [b for b, _ in layers]
+    width: Dict[int, int] = {}
+    for b, n in layers:
+        width[b] = len({coords[g] for g in range(b, b + n) if g in coords})
+
+    def is_free(g):
+        return any(lo <= g < hi for lo, hi in free)
+    met: Dict[Tuple[int, int], Set[int]] = {}   # (free entry, layer) → the head places it meets
+    for pairs in sh.mixed:
+        for a, b in pairs.t().tolist():
+            for f, c in ((a, b), (b, a)):
+                if c in coords and is_free(f) and not is_free(c):
+                    at = starts[max(0, _bisect(starts, c))]
+                    met.setdefault((f, at), set()).add(coords[c])
+    out = sorted({f for (f, at), places in met.items() if 1 < len(places) < width.get(at, 0)})
+    return torch.tensor(out, dtype=torch.long)
+
+
+def _bisect(starts: List[int], x: int) -> int:
+    """The index of the last start ≤ ``x``."""
+    return bisect.bisect_right(starts, x) - 1
+
+
 def _components(sh: Shadows) -> Tuple[_Union, Set[int]]:
     """The heads: ids joined by a batch slice of a product, or by a mix with such an id. Every
     id points to the smallest id of its component (connected components by label propagation,
@@ -91,8 +136,12 @@ def _components(sh: Shadows) -> Tuple[_Union, Set[int]]:
         for ids in p.slices:
             edges.append(torch.stack([ids[:1].expand(len(ids)), ids]))
     known = torch.tensor(sorted(in_products), dtype=torch.long)
+    shared = _per_dimension_tables(sh)
     for pairs in sh.mixed:
-        edges.append(pairs[:, _isin_sorted(pairs[0], known) | _isin_sorted(pairs[1], known)])
+        keep = _isin_sorted(pairs[0], known) | _isin_sorted(pairs[1], known)
+        if len(shared):
+            keep &= ~(_isin_sorted(pairs[0], shared) | _isin_sorted(pairs[1], shared))
+        edges.append(pairs[:, keep])
     uf = _Flat()
     if not edges:
         return uf, in_products
@@ -181,12 +230,19 @@ def _one(sh, model, graph, units, ignored, uf, comps, touched, readers, coords) 
             return refuse(f"input columns {bad[:6]} of {n!r} do not come from the attention's heads")
     head_of = {s.name: _per_head(s, uf, comp_index) for s in tables}
     head_of = {n: v for n, v in head_of.items() if v is not None}   # tables shared by the heads stay
+    mine = [p for p in sh.products if p.ids and uf.find(next(iter(p.ids))) in comp_index]
+    slots = _query_slots(mine, uf, comps) if units == "query_heads" or (units == "heads" and len(comps) < 2) else None
+    if isinstance(slots, str):
+        return refuse(f"query heads: {slots}")
+    if slots is not None:
+        return _slot_attention(sh, model, graph, root, layers, srcs, reader_names, mods, slots, head_of, mine,
+                               refuse)
+    units = "heads" if units == "query_heads" else units   # not grouped: its query heads are its heads
     if units == "heads":
         def unit_of(g):
             return comp_index[uf.find(g)]
         size = len(comps)
     else:
-        mine = [p for p in sh.products if p.ids and uf.find(next(iter(p.ids))) in comp_index]
         why = _no_head_dims(sh, srcs, coords) or (
             "scaled_dot_product_attention runs with its default scale 1/sqrt(head size), which a cut of "
             "head dimensions would change (pass scale= explicitly)" if any(p.default_scale for p in mine) else None) or (
@@ -211,8 +267,7 @@ def _one(sh, model, graph, units, ignored, uf, comps, touched, readers, coords) 
         owner, _, attr = name.rpartition(".")
         n = torch.arange(len(unit))
         items.append(SliceItem(owner, attr, dim, unit, n, None, "out", n))
-    mine = [p for p in sh.products if p.ids and uf.find(next(iter(p.ids))) in comp_index]
-    options = _bookkeeping(sh, mine, coords, size, units)
+    options = _bookkeeping(sh, mine, _counts(mine, coords, size, units))
     heads = {}
     for s in srcs:   # heads of the layer per unit, where its channels are head dimensions
         width = len({coords[g] for g in range(s.base, s.base + s.size) if g in coords})
@@ -221,6 +276,90 @@ def _one(sh, model, graph, units, ignored, uf, comps, touched, readers, coords) 
     attempts = [CoupledGroup(graph, 0, root, size, [dataclasses.replace(i) for i in items], True, ["attention"],
                              counters=list(c), heads=heads if units == "heads" else None) for c in options]
     return Attention(root, layers, attempts)
+
+
+def _query_slots(mine, uf, comps):
+    """Grouped-query attention by query heads: ``slots[u][s]``, the ids of the ``s``-th query
+    head of component ``u`` (a key/value head and the query heads sharing it), where every
+    component has the same number ``G ≥ 2`` of query heads; a unit ``s`` is then the ``s``-th
+    query head of every key/value head, so each keeps ``G - 1`` and the ratio stays whole. The
+    query heads are the distinct disjoint id sets on one side of a score product (rows of
+    ``q``), the key head the one set on its other side (columns of ``kᵀ``), per component.
+    ``None`` where the heads are not shared (one query head per key head); a reason where the
+    sharing is uneven."""
+    comp_index = {r: u for u, r in enumerate(comps)}
+    found: Dict[int, List[torch.Tensor]] = {}
+    for p in mine:
+        for one, other in ((p.rows, p.cols), (p.cols, p.rows)):
+            for u in range(len(comps)):
+                if u in found:
+                    continue
+                here = [t for t in one if len(t) > 1 and comp_index.get(uf.find(int(t[0]))) == u]
+                there = {tuple(t.tolist()) for t in other if len(t) > 1 and comp_index.get(uf.find(int(t[0]))) == u}
+                ids = torch.cat(here) if here else torch.zeros(0, dtype=torch.long)
+                if len(here) >= 2 and len(there) == 1 and len(ids.unique()) == len(ids):
+                    found[u] = here
+    if len(found) < len(comps):
+        return None
+    sizes = {len(v) for v in found.values()}
+    if len(sizes) > 1:
+        return f"the key/value heads are shared by different numbers of query heads ({sorted(sizes)})"
+    return [found[u] for u in range(len(comps))]
+
+
+def _slot_attention(sh, model, graph, root, layers, srcs, reader_names, mods, slots, head_of, mine, refuse):
+    """The attention with query-head units (:func:`_query_slots`): unit ``s`` is the ``s``-th query
+    head of every key/value head, its q channels and the output projection's columns that its
+    weighted values reach (the ``s``-th of the key/value head's copies, in column order). Key
+    and value channels stay."""
+    if head_of:
+        return refuse(f"query heads: {next(iter(head_of))!r} holds one value per head; use attention_units='heads'")
+    G, K = len(slots[0]), len(slots)
+    slot_of = {int(g): s for heads in slots for s, ids in enumerate(heads) for g in ids.tolist()}
+    items, heads = [], {}
+    for s in srcs:
+        local = [c for c in range(s.size) if s.base + c in slot_of]
+        if local:
+            items += _items(s.name, s.module, "out", torch.tensor(local),
+                            torch.tensor([slot_of[s.base + c] for c in local]))
+            heads[s.name] = K
+    for n in reader_names:
+        cols = sh.inputs[n].tolist()
+        seen: Dict[int, int] = {}
+        unit = []
+        for g in cols:   # the k-th copy of a value channel comes from the k-th query head sharing it
+            unit.append(seen.get(g, 0))
+            seen[g] = unit[-1] + 1
+        if set(seen.values()) != {G}:
+            return refuse(f"query heads: the columns of {n!r} do not hold each value channel once per query head")
+        items += _items(n, mods[n], "in", torch.arange(len(cols)), torch.tensor(unit))
+    width = len(slots[0][0])
+    counts = {G: {1}}
+    for value, per_unit in ((G * K, K), (G * K * width, K * width)):
+        counts.setdefault(value, set()).add(per_unit)
+    options = _bookkeeping(sh, mine, counts)
+    first = _layer_counts(sh, model, mine, counts)
+    if first:   # tried first: a ratio the forward may read on another path (decoding) goes stale otherwise
+        options = [first] + [o for o in options if o != first]
+    attempts = [CoupledGroup(graph, 0, root, G, [dataclasses.replace(i) for i in items], True, ["attention"],
+                             counters=list(c), heads=heads) for c in options]
+    return Attention(root, layers, attempts)
+
+
+def _layer_counts(sh, model, products, counts) -> Tuple[Counter, ...]:
+    """The updates of the attributes the hosts read that hold one of ``counts`` (with one
+    per-unit decrement) and the same value in every module of the host's class: a count of the
+    architecture (Hugging Face's ``num_key_value_groups``), not a layer's own number
+    (``layer_idx`` differs between layers). Empty where the model has one such module."""
+    out = []
+    for h in sorted({p.host for p in products if p.host is not None}):
+        cls = type(model.get_submodule(h))
+        peers = [n for n in sh.reads if n != h and type(model.get_submodule(n)) is cls]
+        for attr, value in sorted(sh.reads.get(h, {}).items()):
+            per = counts.get(value, set())
+            if len(per) == 1 and peers and all(sh.reads[n].get(attr) == value for n in peers):
+                out.append(Counter(h, attr, next(iter(per))))
+    return tuple(out)
 
 
 def _per_head(s, uf, comp_index):
@@ -266,10 +405,10 @@ def _no_head_dims(sh, srcs, coords) -> Optional[str]:
     return None
 
 
-def _bookkeeping(sh, products, coords, size, units) -> List[Tuple[Counter, ...]]:
-    """Sets of attribute updates to try, smallest first. The counts an attribute may stand for
-    are read from the products' operands: their channels (``H·d``) and heads (``H``) per layer."""
-    counts: Dict[int, Set[int]] = {}   # value → per-unit decrements it could stand for
+def _counts(products, coords, size, units) -> Dict[int, Set[int]]:
+    """value → per-unit decrements it could stand for, read from the products' operands: their
+    channels (``H·d``) and heads (``H``) per layer."""
+    counts: Dict[int, Set[int]] = {}
     for p in products:
         for ids in (p.left, p.right):
             ids = {g for g in ids if g in coords}
@@ -284,6 +423,12 @@ def _bookkeeping(sh, products, coords, size, units) -> List[Tuple[Counter, ...]]
             else:
                 counts.setdefault(width, set()).add(1)
                 counts.setdefault(len(ids), set()).add(nheads)
+    return counts
+
+
+def _bookkeeping(sh, products, counts) -> List[Tuple[Counter, ...]]:
+    """Sets of attribute updates to try, smallest first: each attribute the hosts read whose
+    value is one of ``counts`` (value → per-unit decrements it could stand for)."""
     hosts = sorted({p.host for p in products if p.host is not None})
     candidates: List[Tuple[Counter, ...]] = []   # one update of an attribute, in every host reading it
     for attr in sorted({a for h in hosts for a in sh.reads.get(h, {})}):

@@ -80,6 +80,10 @@ class Product:
     #: ``scaled_dot_product_attention`` without ``scale``: its 1/√d follows the head size
     default_scale: bool = False
     right: Set[int] = dataclasses.field(default_factory=set)
+    #: the distinct id sets along the contraction, in order of first appearance: each row of the
+    #: left operand and each column of the right one (in ``q·kᵀ``: one query head, one key head)
+    rows: List[torch.Tensor] = dataclasses.field(default_factory=list)
+    cols: List[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -140,6 +144,17 @@ def _place(coords: Dict[int, int], ids: torch.Tensor) -> None:
     first = torch.full_like(found, flat.shape[-1]).scatter_reduce(0, inverse, col, "amin")
     for g, j in zip(found.tolist(), first.tolist()):
         coords.setdefault(g, j)
+
+
+def _distinct(flat: torch.Tensor) -> List[torch.Tensor]:
+    """The distinct rows of a 2-D id tensor (its ``-1`` entries dropped), in order of first
+    appearance."""
+    if not len(flat):
+        return []
+    found, inverse = flat.unique(dim=0, return_inverse=True)
+    first = torch.full((len(found),), len(flat), dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(len(flat)), "amin")
+    return [r[r >= 0] for r in found[first.argsort()] if (r >= 0).any()]
 
 
 def _squeeze_repeats(s: torch.Tensor) -> torch.Tensor:
@@ -292,6 +307,10 @@ class _Run:
         for s, ids in ((sa, prod.left), (sb, prod.right)):
             if s is not None:
                 ids.update(s[s >= 0].unique().tolist())
+        if sa is not None:
+            prod.rows = _distinct(sa.reshape(-1, sa.shape[-1]))
+        if sb is not None:
+            prod.cols = _distinct(sb.transpose(-1, -2).reshape(-1, sb.shape[-2]))
         parts = [s.expand(*batch, -1, -1).reshape(batch.numel(), -1) for s in (sa, sb) if s is not None]
         for row in torch.cat(parts, dim=1):
             ids = row[row >= 0].unique()

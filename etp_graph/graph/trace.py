@@ -45,6 +45,9 @@ from .verify import check_group, check_units, experiment
 
 __all__ = ["trace", "TraceError"]
 
+#: ``attention_units`` a trace takes: the handlers' kinds, and query heads of grouped-query attention
+ATTENTION_UNITS = UNIT_KINDS + ("query_heads",)
+
 
 class TraceError(ValueError):
     """The model cannot be traced as given; the message names the module and the fix."""
@@ -80,8 +83,12 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
         validate: verify every group by masking a copy and pruning another on ``example_inputs``
             (all groups in one pair first, then apart where that pair disagrees; see
             :mod:`.verify` and :mod:`.scope`); a failing group goes to ``skipped``.
-        attention_units: the unit of head-structured groups: ``"heads"`` (a whole head) or
-            ``"head_dims"`` (one dimension in every head).
+        attention_units: the unit of head-structured groups: ``"heads"`` (a whole head; in
+            grouped-query attention a key/value head with the query heads sharing it, or, where
+            there is one key/value head (multi-query attention), a query head),
+            ``"query_heads"`` (in grouped-query attention the ``s``-th query head of every
+            key/value head; else as ``"heads"``) or ``"head_dims"`` (one dimension in every
+            head).
         outputs: the model outputs a cut must leave as they are (names of a dict-like output
             such as a Hugging Face ``ModelOutput``, or positions), e.g. ``["logits"]`` for a T5
             whose ``encoder_last_hidden_state`` may narrow with the hidden width; default every
@@ -109,8 +116,8 @@ def trace(model: nn.Module, example_inputs: Any, ignored_layers: Optional[Iterab
     if outputs is not None:   # from here on, a forward returns those outputs only
         example_inputs = Outputs(example_inputs, outputs)
     ignored = _ignored_modules(model, ignored_layers)
-    if attention_units not in UNIT_KINDS:
-        raise ValueError(f"attention_units must be one of {UNIT_KINDS}, got {attention_units!r}")
+    if attention_units not in ATTENTION_UNITS:
+        raise ValueError(f"attention_units must be one of {ATTENTION_UNITS}, got {attention_units!r}")
     bk = Backend(tp.DependencyGraph())
     with eval_mode(model), bk.tolerant(), contextlib.ExitStack() as stack:
         try:
@@ -385,6 +392,7 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
     output channels (unless an earlier group already covers them); verified, then kept or
     skipped with the reason."""
     model, dg = graph.model, bk.dg
+    found_units, units = units, ("heads" if units == "query_heads" else units)   # the handlers' kinds
     graph._called = {n for n, m in model.named_modules(remove_duplicate=False) if m in dg.module2node}
     visited: Set[nn.Module] = set()
     roots = {id(m) for _, m in _root_modules(model, dg, ignored)}
@@ -394,7 +402,7 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
         # products between activations: attention to find (a model without them needs no shadow run)
         with phase("attention from the shadow run"):
             found = {a.root: a for a in find_attention(shadow_run(model, example_inputs, names), model, graph,
-                                                       units, ignored)}
+                                                       found_units, ignored)}
     for a in found.values():   # the attention's layers are rooted in its head group, not alone
         visited.update(model.get_submodule(n) for n in a.layers)
     entries: List[Tuple[str, Any]] = []

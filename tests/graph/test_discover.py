@@ -298,3 +298,85 @@ def test_an_attention_the_trace_cannot_complete_is_refused_with_a_reason(attn, w
     reasons = [s.reason for s in g.skipped if s.root.startswith("attn.w")]
     assert reasons and any(why in r for r in reasons), reasons
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_query_heads_of_grouped_query_attention_go_one_per_key_value_head():
+    """``attention_units="query_heads"``: unit ``s`` is the ``s``-th query head of every key/value
+    head (query heads 0 and 2 for ``s = 0``); keys and values stay, and the forward's own ratio
+    (``q_heads // kv_heads``) follows because ``q_heads`` loses one head per key/value head."""
+    m = Block(GQA())
+    g, (a,) = _attention(m, "query_heads")
+    assert a.size == 2 and not g.skipped
+    q = next(i for i in a.items if i.owner == "attn.q" and i.attr == "weight")
+    assert sorted(q.index[q.unit == 0].tolist()) == list(range(8)) + list(range(16, 24))
+    assert not [i for i in a.items if i.owner in ("attn.k", "attn.v")]
+    o = next(i for i in a.items if i.owner == "attn.o" and i.attr == "weight")
+    assert sorted(o.index[o.unit == 1].tolist()) == list(range(8, 16)) + list(range(24, 32))
+    assert [(c.attr, c.per_unit) for c in a.counters] == [("q_heads", 2)]
+    checks = assert_prune_equivalent(m, X, ignored_layers=[m.head], attention_units="query_heads")
+    assert all(c.checked == "values" for c in checks if c.root == a.root)
+    a.prune([1])
+    assert (m.attn.q.out_features, m.attn.k.out_features, m.attn.o.in_features, m.attn.q_heads) == (16, 16, 16, 2)
+    assert m(X).shape == (B, T, 3)
+
+
+class Frequencies(nn.Module):
+    """A rotary embedding's table of frequencies (a buffer ``[d/2]``) turned into cos/sin once
+    and handed to every layer, as Hugging Face's LLaMA does."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(0, d, 2) / d), persistent=False)
+
+    def forward(self, x):
+        ang = torch.arange(T, dtype=x.dtype)[:, None] * self.inv_freq[None]
+        emb = torch.cat([ang, ang], -1)
+        return emb.cos(), emb.sin()
+
+
+class MultiQuery(nn.Module):
+    """Multi-query attention: 4 query heads share one key/value head, rotary on q and k."""
+
+    def __init__(self):
+        super().__init__()
+        self.n_q, self.hd = 4, 8
+        self.q, self.kv = nn.Linear(C, 32), nn.Linear(C, 16)
+        self.o = nn.Linear(32, C)
+
+    def forward(self, x, cos, sin):
+        q = self.q(x).view(B, T, -1, self.hd).transpose(1, 2)
+        k, v = self.kv(x).view(B, T, 1, 2 * self.hd).transpose(1, 2).split(self.hd, dim=-1)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        y = F.scaled_dot_product_attention(q, k.expand(B, self.n_q, T, self.hd), v.expand(B, self.n_q, T, self.hd))
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class TwoMultiQuery(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.rope, self.head = nn.Linear(8, C), Frequencies(8), nn.Linear(C, 3)
+        self.a0, self.a1 = MultiQuery(), MultiQuery()
+
+    def forward(self, x):
+        h = self.inp(x)
+        cos, sin = self.rope(h)
+        h = h + self.a0(h, cos, sin)
+        return self.head(h + self.a1(h, cos, sin))
+
+
+def test_multi_query_attention_prunes_its_query_heads_and_the_rotary_table_joins_no_layers():
+    """One key/value head: whole heads means query heads. The frequencies every layer reads meet
+    each head at dimensions ``j`` and ``j + d/2``, not as a per-head table: the two layers stay
+    two attentions and the table is not cut."""
+    m = TwoMultiQuery()
+    g, att = _attention(m)
+    assert not g.skipped, g.skipped
+    assert [(a.root, a.size) for a in att] == [("a0.q", 4), ("a1.q", 4)]
+    assert all(i.owner != "rope" for a in att for i in a.items)
+    assert all(not [i for i in a.items if i.owner.endswith(".kv")] for a in att)
+    checks = assert_prune_equivalent(m, X, ignored_layers=[m.head])
+    assert all(c.checked == "values" for c in checks if c.root in ("a0.q", "a1.q"))
+    att[1].prune([0, 3])
+    assert (m.a1.q.out_features, m.a1.kv.out_features, m.a1.o.in_features, m.a1.n_q) == (16, 16, 16, 2)
+    assert m(X).shape == (B, T, 3)
