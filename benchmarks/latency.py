@@ -1,6 +1,6 @@
 """Measure again, side by side, the latency of every cut recorded in the cell JSONs.
 
-    python -m benchmarks.latency [--tasks resnet56-cifar10,...] [--repeat 10] [--force]
+    python -m benchmarks.latency [--tasks resnet56-cifar10,...] [--repeat 10] [--force] [--rounds 3]
 
 A cell's latency depends on the widths its plan keeps, not on the trained weights, so each cut
 is rebuilt from its ``units_kept`` on the task's model (untrained weights), its MACs checked
@@ -13,7 +13,10 @@ The result replaces ``latency_ms`` and sets ``latency_speedup`` in the cut; the 
 the run stays as ``latency_ms_in_run`` and ``latency_remeasured`` says when, where and how.
 Cuts already timed side by side, in their run or by an earlier call, are left alone (``--force``
 measures them too), so a stopped call goes on where it stopped.
-Identical widths of one task are timed once. Run it on a quiet machine.
+Identical widths of one task are timed once. Run it on a quiet machine. Even there, this
+machine's speed drifts (the same dense ResNet-56 batch took 230 ms one hour and 300 ms the next,
+2026-12-04) and a cell's ratio moved by up to a quarter between calls: ``--rounds 3`` times each
+cell three times and keeps the median run, with every run's ratio in ``latency_remeasured``.
 """
 from __future__ import annotations
 
@@ -58,9 +61,11 @@ def _plan(pruner: eg.ETPPruner, kept: Dict[str, int]) -> Dict[int, List[int]]:
     return {by_root[r].id: list(range(n, by_root[r].size)) for r, n in named.items() if n < by_root[r].size}
 
 
-def remeasure(paths: List[Path], repeat: int, force: bool) -> Tuple[int, List[str]]:
+def remeasure(paths: List[Path], repeat: int, force: bool, rounds: int = 1) -> Tuple[int, List[str]]:
     """Re-measure the cuts due; returns the number of cells written and, for each cell whose
-    widths do not rebuild its model (left as it was), why."""
+    widths do not rebuild its model (left as it was), why. With ``rounds`` > 1 each cell is timed
+    that many times (each time the dense model and its cuts in alternating rounds) and the run
+    with the median ratio is kept; every run's ratio is recorded."""
     by_task: Dict[Tuple[str, str, str], List[Tuple[Path, dict]]] = {}
     for p in paths:
         cell = json.loads(p.read_text())
@@ -97,14 +102,17 @@ def remeasure(paths: List[Path], repeat: int, force: bool) -> Tuple[int, List[st
                 failed.append(f"{path}: {e}")
                 tqdm.write(f"left as it was: {failed[-1]}")
                 continue
-            if new:     # the dense model and this cell's new widths in the same rounds
-                dense, *smalls = eg.compare_latency([model, *new.values()], inputs, warmup=2, repeat=repeat)
-                for key, lat in zip(new, smalls):
-                    timed[key] = ([dense["median_ms"], lat["median_ms"]], lat["ratio_to_first"])
+            if new:     # the dense model and this cell's new widths in the same rounds, ``rounds`` times
+                runs = [eg.compare_latency([model, *new.values()], inputs, warmup=2, repeat=repeat)
+                        for _ in range(rounds)]
+                for i, key in enumerate(new, 1):
+                    ratios = [r[i]["ratio_to_first"] for r in runs]
+                    mid = sorted(range(rounds), key=ratios.__getitem__)[(rounds - 1) // 2]   # the median run
+                    timed[key] = ([runs[mid][0]["median_ms"], runs[mid][i]["median_ms"]], ratios[mid], ratios)
             for cut in cuts:
                 cut.setdefault("latency_ms_in_run", cut["latency_ms"])
-                cut["latency_ms"], cut["latency_speedup"] = timed[json.dumps(cut["units_kept"], sort_keys=True)]
-                cut["latency_remeasured"] = stamp
+                cut["latency_ms"], cut["latency_speedup"], ratios = timed[json.dumps(cut["units_kept"], sort_keys=True)]
+                cut["latency_remeasured"] = dict(stamp, rounds=rounds, ratios=ratios)
             path.write_text(json.dumps(cell, indent=1))
             done += 1
     return done, failed
@@ -116,11 +124,13 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: every task)")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--force", action="store_true", help="also the cuts timed side by side in their run")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time each cell this many times and keep the median (the machine's speed drifts)")
     args = p.parse_args(argv)
     tasks = set(args.tasks.split(",")) if args.tasks else None
     paths = [q for q in sorted(Path(args.results).rglob("*.json"))
              if tasks is None or json.loads(q.read_text()).get("task") in tasks]
-    done, failed = remeasure(paths, args.repeat, args.force)
+    done, failed = remeasure(paths, args.repeat, args.force, max(1, args.rounds))
     print(f"{done} cells re-measured" + (f"; {len(failed)} left as they were:" if failed else ""))
     for f in failed:
         print(f"  {f}")
