@@ -113,6 +113,23 @@ def test_random_cnns_prune_exactly_and_trace_the_same_twice(specs):
     assert_prune_equivalent(model, x, ignored_layers=[model.head], check_macs=False)
 
 
+def test_a_grouped_conv_reading_a_concat_joins_the_branches_it_reads_together():
+    # blocks.1.conv (groups=2) reads cat(conv 5 ch, side 3 ch): its filters' input slot k takes
+    # concat channels k and k + 4, so conv channel 1 goes with side channel 0 (found by hypothesis:
+    # two groups cutting one column each, returned "exact" because the joint check cut both)
+    model, x = RandomCNN([(5, 1, "bn", "concat"), (2, 2, "bn", "plain")]).eval(), torch.randn(2, 3, 6, 6)
+    graph = eg.trace(model, x, ignored_layers=[model.head])
+    assert [(g.root, g.size) for g in graph.groups] == [("stem", 8), ("blocks.0.conv", 4), ("blocks.1.conv", 2)]
+    assert not graph.skipped
+    joined = graph.groups[1]
+    side = next(it for it in joined.items if (it.owner, it.attr) == ("blocks.0.side", "weight"))
+    assert side.unit.tolist() == [1, 2, 3] and side.index.tolist() == [0, 1, 2]
+    assert_prune_equivalent(model, x, ignored_layers=[model.head], check_macs=False)
+    joined.prune([1])
+    assert (model.blocks[0].conv.out_channels, model.blocks[0].side.out_channels, model.blocks[1].conv.in_channels) == (4, 2, 6)
+    assert model(x).shape == (2, 4)
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from([(16, 2), (16, 4), (24, 3)]), st.integers(1, 2), st.sampled_from([8, 20]), st.booleans())
 def test_random_transformers_prune_exactly_and_trace_the_same_twice(wh, depth, ffn, norm):

@@ -23,7 +23,8 @@ from .group import CoupledGroup, SliceItem
 from .index_maps import channel_dim
 from .ops import PRODUCT_OPS, REDUCTIONS, op_name, reduced_dims, saved_dim
 
-__all__ = ["Refused", "make_group", "internal_groups", "shared_channel_merges"]
+__all__ = ["Refused", "make_group", "internal_groups", "merge_overlapping", "merge_tied",
+           "shared_channel_merges"]
 
 #: backend op types that only route channels (their maps are the backend's or ours)
 _ROUTING = (tp_ops.OPTYPE.CONCAT, tp_ops.OPTYPE.SPLIT, tp_ops.OPTYPE.RESHAPE,
@@ -286,6 +287,20 @@ def merge_tied(groups: Sequence[CoupledGroup], graph: ChannelGraph) -> Tuple[Opt
     widths an encoder and a decoder share through tied embeddings are one width. Units of
     different groups that own the same index of a tied tensor along the same dimension are one
     unit. Returns ``(group, "")``, or ``(None, reason)`` when the join still leaves a tie outside."""
+    return _merge(groups, graph, tied_only=True)
+
+
+def merge_overlapping(groups: Sequence[CoupledGroup], graph: ChannelGraph) -> Tuple[Optional[CoupledGroup], str]:
+    """One group of ``groups``, which cut the same index of one tensor dimension: a grouped layer
+    reading a concat gives each input slot of its filters one channel of every branch, so those
+    channels (of different groups) go together. Units owning the same index of any tensor along
+    the same dimension are one unit; items of one tensor dimension become one item."""
+    return _merge(groups, graph, tied_only=False)
+
+
+def _merge(groups: Sequence[CoupledGroup], graph: ChannelGraph, tied_only: bool) -> Tuple[Optional[CoupledGroup], str]:
+    if getattr(graph, "_ties", None) is None:
+        graph._ties = tie_index(graph.model)
     names, tensor_of, _ = graph._ties
     parent: Dict[Tuple[int, int], Tuple[int, int]] = {}
 
@@ -295,16 +310,18 @@ def merge_tied(groups: Sequence[CoupledGroup], graph: ChannelGraph) -> Tuple[Opt
             parent[x] = parent[parent[x]]
             x = parent[x]
         return x
-    owner_of: Dict[Tuple[int, int, int], Tuple[int, int]] = {}   # (tensor, dim, index) → (group, unit)
+    owner_of: Dict[Tuple[Any, int, int], Tuple[int, int]] = {}   # (tensor, dim, index) → (group, unit)
     for k, g in enumerate(groups):
         for u in range(g.size):
             find((k, u))
         for it in g.items:
-            t = tensor_of.get(f"{it.owner}.{it.attr}" if it.owner else it.attr)
-            if t is None or len(names[id(t)]) < 2:
+            name = f"{it.owner}.{it.attr}" if it.owner else it.attr
+            t = tensor_of.get(name)
+            if tied_only and (t is None or len(names[id(t)]) < 2):
                 continue
+            key = id(t) if t is not None else name
             for u, i in zip(it.unit.tolist(), it.index.tolist()):
-                other = owner_of.setdefault((id(t), it.dim, i), (k, u))
+                other = owner_of.setdefault((key, it.dim, i), (k, u))
                 a, b = find(other), find((k, u))
                 if a != b:
                     parent[max(a, b)] = min(a, b)
@@ -313,12 +330,24 @@ def merge_tied(groups: Sequence[CoupledGroup], graph: ChannelGraph) -> Tuple[Opt
         classes.setdefault(find(x), []).append(x)
     ordered = sorted(classes.values(), key=min)
     if len(ordered) < 2:
-        return None, "fewer than two prunable units after joining the tied widths"
+        return None, "fewer than two prunable units after joining the groups"
     unit_of = {x: n for n, cls in enumerate(ordered) for x in cls}
-    items = []
+    items: List[SliceItem] = []
     for k, g in enumerate(groups):
         remap = torch.tensor([unit_of[(k, u)] for u in range(g.size)], dtype=torch.long)
         items += [dataclasses.replace(it, unit=remap[it.unit], pairs=None) for it in g.items]
+    if not tied_only:   # one item per tensor dimension and layer role (its pairs from every group)
+        joined: Dict[Tuple[str, str, int, Optional[str], str], SliceItem] = {}
+        for it in items:
+            key = (it.owner, it.attr, it.dim, it.module, it.role)
+            if key in joined:
+                was = joined[key]
+                both = torch.unique(torch.stack([torch.cat([was.unit, it.unit]), torch.cat([was.index, it.index]),
+                                                 torch.cat([was.channel, it.channel])]), dim=1)
+                joined[key] = dataclasses.replace(was, unit=both[0], index=both[1], channel=both[2], pairs=None)
+            else:
+                joined[key] = it
+        items = list(joined.values())
     items += mirrored_ties(items, graph._ties, getattr(graph, "_called", None))
     first = groups[0]
     merged = CoupledGroup(graph, first.id, first.root, len(ordered), items, all(g.exact for g in groups),

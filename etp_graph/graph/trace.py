@@ -27,7 +27,8 @@ from torch import nn
 
 from ..handlers import get_handler
 from ..handlers.base import UNIT_KINDS
-from .assemble import Refused, Tied, internal_groups, make_group, merge_tied, shared_channel_merges
+from .assemble import (Refused, Tied, internal_groups, make_group, merge_overlapping, merge_tied,
+                       shared_channel_merges, tie_index)
 from .backend import Backend, build_backend
 from .budget import TIME_LIMIT, Budget, Exhausted, bounded, check_time, one_walk, out_of_time, step_limit
 from .discover import _Union, find_attention
@@ -415,7 +416,7 @@ def _collect(bk: Backend, graph: ChannelGraph, example_inputs, ignored: Set[nn.M
             late = out_of_time()
             entries.append((name, _rooted(bk, graph, name, m, ignored, visited, units) if late is None
                             else SkippedGroup(name, late.time_left_reason(f"the group rooted at {name!r}"))))
-    entries = _join_tied(entries, graph)
+    entries = _join_overlapping(_join_tied(entries, graph), graph)
     pending = [g for _, g in entries if isinstance(g, CoupledGroup)]
     for k, g in enumerate(pending):
         g.id = k   # seeds the units each check samples
@@ -605,6 +606,53 @@ def _join_tied(entries: List[Tuple[str, Any]], graph: ChannelGraph) -> List[Tupl
                 out[k] = (name, merged if n == 0 else None)
             else:
                 out[k] = (name, SkippedGroup(e.root, e.reason + (f"; joined with the other side: {why}" if why else "")))
+    return out
+
+
+def _join_overlapping(entries: List[Tuple[str, Any]], graph: ChannelGraph) -> List[Tuple[str, Any]]:
+    """Groups that cut the same index of one tensor dimension, joined (:func:`merge_overlapping`):
+    a grouped conv reading a concat gives each input slot of its filters one channel of every
+    branch, so cutting one branch's channel alone would leave its filter groups uneven (and a
+    check of both groups at once can cut them in balance and miss it). A group with bookkeeping
+    of its own (counters, heads, an arrangement) is refused instead, with the other's name."""
+    at = [(k, e) for k, (_, e) in enumerate(entries) if isinstance(e, CoupledGroup)]
+    if len(at) < 2:
+        return entries
+    if getattr(graph, "_ties", None) is None:
+        graph._ties = tie_index(graph.model)
+    names, tensor_of, _ = graph._ties
+    uses: Dict[Tuple[Any, int], List[Tuple[int, torch.Tensor]]] = {}
+    for k, g in at:
+        for it in g.items:
+            name = f"{it.owner}.{it.attr}" if it.owner else it.attr
+            t = tensor_of.get(name)
+            uses.setdefault((id(t) if t is not None else name, it.dim), []).append((k, it.index))
+    link = _Union()
+    for shared in uses.values():
+        if len({k for k, _ in shared}) < 2:   # most tensor dimensions: one group cuts them
+            continue
+        owner: Dict[int, int] = {}
+        for k, index in shared:
+            for i in index.unique().tolist():
+                o = owner.setdefault(i, k)
+                if o != k:
+                    link.join(o, k)
+    sets: Dict[int, List[int]] = {}
+    for k, _ in at:
+        sets.setdefault(link.find(k), []).append(k)
+    out = list(entries)
+    for ks in (ks for ks in sets.values() if len(ks) > 1):
+        groups = [entries[k][1] for k in ks]
+        roots = ", ".join(repr(g.root) for g in groups)
+        plain = all(not g.counters and not g.heads and not g.ordered for g in groups)
+        merged, why = merge_overlapping(groups, graph) if plain else (None, "one of them keeps bookkeeping of its own")
+        for n, k in enumerate(ks):
+            name, g = entries[k]
+            if merged is not None:
+                out[k] = (name, merged if n == 0 else None)
+            else:
+                out[k] = (name, SkippedGroup(g.root, f"cuts the same channels as the groups rooted at {roots} "
+                                                      f"(a grouped layer reads them together) and cannot join them: {why}"))
     return out
 
 
