@@ -97,6 +97,8 @@ def _spatial_slice(bk: Backend, node) -> bool:
     it cannot bring two channels together."""
     fn = node.grad_fn
     shape = bk.shape(node.inputs[0]) if node.inputs else None
+    if shape is None and fn is not None:   # a slice of a slice (``x[:, :, ::2, ::2]``): autograd saved it
+        shape = getattr(fn, "_saved_self_sym_sizes", None)
     if fn is None or op_name(fn) != "Slice" or shape is None or not hasattr(fn, "_saved_dim"):
         return False
     ch = channel_dim(node.inputs[0], len(shape))

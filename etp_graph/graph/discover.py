@@ -26,7 +26,6 @@ that hold the same value in every module of the host's class are tried first.
 """
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import itertools
 from typing import Dict, List, Optional, Set, Tuple
@@ -101,28 +100,35 @@ def _per_dimension_tables(sh: Shadows) -> torch.Tensor:
     for p in sh.products:
         for g, j in p.coords.items():
             coords.setdefault(g, j)
-    layers = sorted((src.base, src.size) for src in sh.sources if src.module is not None)
-    starts = [b for b, _ in layers]
-    width: Dict[int, int] = {}
-    for b, n in layers:
-        width[b] = len({coords[g] for g in range(b, b + n) if g in coords})
+    if not coords:
+        return torch.zeros(0, dtype=torch.long)
+    ids = torch.tensor(sorted(coords), dtype=torch.long)
+    places = torch.tensor([coords[g] for g in ids.tolist()], dtype=torch.long)
+    starts = torch.tensor(sorted(src.base for src in sh.sources if src.module is not None), dtype=torch.long)
+    size_at = {src.base: src.size for src in sh.sources if src.module is not None}
+    lo, hi = (torch.tensor(v, dtype=torch.long) for v in zip(*free))
 
-    def is_free(g):
-        return any(lo <= g < hi for lo, hi in free)
+    def is_free(x):
+        return ((x[:, None] >= lo) & (x[:, None] < hi)).any(1)
     met: Dict[Tuple[int, int], Set[int]] = {}   # (free entry, layer) → the head places it meets
     for pairs in sh.mixed:
-        for a, b in pairs.t().tolist():
-            for f, c in ((a, b), (b, a)):
-                if c in coords and is_free(f) and not is_free(c):
-                    at = starts[max(0, _bisect(starts, c))]
-                    met.setdefault((f, at), set()).add(coords[c])
-    out = sorted({f for (f, at), places in met.items() if 1 < len(places) < width.get(at, 0)})
+        for f, c in ((pairs[0], pairs[1]), (pairs[1], pairs[0])):
+            sel = _isin_sorted(c, ids) & is_free(f) & ~is_free(c)
+            if not sel.any() or not len(starts):
+                continue
+            f, c = f[sel], c[sel]
+            at = starts[(torch.searchsorted(starts, c, right=True) - 1).clamp_(min=0)]
+            place = places[torch.searchsorted(ids, c)]
+            for fi, ai, pi in torch.unique(torch.stack([f, at, place]), dim=1).t().tolist():
+                met.setdefault((fi, ai), set()).add(pi)
+
+    def width(at: int) -> int:   # the places inside a head that the layer at ``at`` holds
+        a, b = torch.searchsorted(ids, torch.tensor([at, at + size_at.get(at, 0)])).tolist()
+        return len(places[a:b].unique())
+    widths: Dict[int, int] = {}
+    out = sorted({f for (f, at), pl in met.items()
+                  if 1 < len(pl) < widths.setdefault(at, width(at))})
     return torch.tensor(out, dtype=torch.long)
-
-
-def _bisect(starts: List[int], x: int) -> int:
-    """The index of the last start ≤ ``x``."""
-    return bisect.bisect_right(starts, x) - 1
 
 
 def _components(sh: Shadows) -> Tuple[_Union, Set[int]]:

@@ -24,6 +24,7 @@ bookkeeping: ``num_heads``, ``head_dim``, ``split_size``, …). Nothing of the m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import weakref
@@ -80,10 +81,21 @@ class Product:
     #: ``scaled_dot_product_attention`` without ``scale``: its 1/√d follows the head size
     default_scale: bool = False
     right: Set[int] = dataclasses.field(default_factory=set)
-    #: the distinct id sets along the contraction, in order of first appearance: each row of the
-    #: left operand and each column of the right one (in ``q·kᵀ``: one query head, one key head)
-    rows: List[torch.Tensor] = dataclasses.field(default_factory=list)
-    cols: List[torch.Tensor] = dataclasses.field(default_factory=list)
+    #: the left operand's rows and the right one's columns as 2-D id tensors (read by ``rows``
+    #: and ``cols`` when asked: most traces never need them)
+    row_ids: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)
+    col_ids: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)
+
+    @functools.cached_property
+    def rows(self) -> List[torch.Tensor]:
+        """The distinct id sets along the contraction, in order of first appearance: each row of
+        the left operand (in ``q·kᵀ``: one query head)."""
+        return _distinct(self.row_ids) if self.row_ids is not None else []
+
+    @functools.cached_property
+    def cols(self) -> List[torch.Tensor]:
+        """The same for each column of the right operand (in ``q·kᵀ``: one key head)."""
+        return _distinct(self.col_ids) if self.col_ids is not None else []
 
 
 @dataclasses.dataclass
@@ -154,7 +166,9 @@ def _distinct(flat: torch.Tensor) -> List[torch.Tensor]:
     found, inverse = flat.unique(dim=0, return_inverse=True)
     first = torch.full((len(found),), len(flat), dtype=torch.long).scatter_reduce(
         0, inverse, torch.arange(len(flat)), "amin")
-    return [r[r >= 0] for r in found[first.argsort()] if (r >= 0).any()]
+    found = found[first.argsort()]
+    found = found[(found >= 0).any(1)]
+    return [r[r >= 0] for r in found] if bool((found < 0).any()) else list(found)
 
 
 def _squeeze_repeats(s: torch.Tensor) -> torch.Tensor:
@@ -308,9 +322,9 @@ class _Run:
             if s is not None:
                 ids.update(s[s >= 0].unique().tolist())
         if sa is not None:
-            prod.rows = _distinct(sa.reshape(-1, sa.shape[-1]))
+            prod.row_ids = sa.reshape(-1, sa.shape[-1])
         if sb is not None:
-            prod.cols = _distinct(sb.transpose(-1, -2).reshape(-1, sb.shape[-2]))
+            prod.col_ids = sb.transpose(-1, -2).reshape(-1, sb.shape[-2])
         parts = [s.expand(*batch, -1, -1).reshape(batch.numel(), -1) for s in (sa, sb) if s is not None]
         for row in torch.cat(parts, dim=1):
             ids = row[row >= 0].unique()
