@@ -317,11 +317,10 @@ def _merge(groups: Sequence[CoupledGroup], graph: ChannelGraph, tied_only: bool)
         for u in range(g.size):
             find((k, u))
         for it in g.items:
-            name = f"{it.owner}.{it.attr}" if it.owner else it.attr
-            t = tensor_of.get(name)
+            t = tensor_of.get(item_name(it))
             if tied_only and (t is None or len(names[id(t)]) < 2):
                 continue
-            key = id(t) if t is not None else name
+            key = tensor_key(it, tensor_of)
             for u, i in zip(it.unit.tolist(), it.index.tolist()):
                 other = owner_of.setdefault((key, it.dim, i), (k, u))
                 a, b = find(other), find((k, u))
@@ -360,6 +359,17 @@ def _merge(groups: Sequence[CoupledGroup], graph: ChannelGraph, tied_only: bool)
     return merged, ""
 
 
+def item_name(it: SliceItem) -> str:
+    """The dotted name of the tensor an item cuts (``"layer.weight"``)."""
+    return f"{it.owner}.{it.attr}" if it.owner else it.attr
+
+
+def tensor_key(it: SliceItem, tensor_of: Dict[str, Any]) -> Any:
+    """One key per tensor an item cuts, whatever name it is reached under (tied tensors are one)."""
+    t = tensor_of.get(item_name(it))
+    return id(t) if t is not None else item_name(it)
+
+
 def mirrored_ties(items: Sequence[SliceItem], index, called: Optional[Set[str]]) -> List[SliceItem]:
     """Items for the other places of a tied tensor the group cuts, where that place is a layer
     of the same kind as the one the group reaches that the forward never calls (``called``:
@@ -372,7 +382,7 @@ def mirrored_ties(items: Sequence[SliceItem], index, called: Optional[Set[str]])
     have = {f"{i.owner}.{i.attr}" if i.owner else i.attr for i in items}
     extra = []
     for it in items:
-        key = f"{it.owner}.{it.attr}" if it.owner else it.attr
+        key = item_name(it)
         t = tensor_of.get(key)
         if t is None or len(names[id(t)]) < 2 or it.module != it.owner:
             continue

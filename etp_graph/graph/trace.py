@@ -27,8 +27,8 @@ from torch import nn
 
 from ..handlers import get_handler
 from ..handlers.base import UNIT_KINDS
-from .assemble import (Refused, Tied, internal_groups, make_group, merge_overlapping, merge_tied,
-                       shared_channel_merges, tie_index)
+from .assemble import (Refused, Tied, internal_groups, item_name, make_group, merge_overlapping, merge_tied,
+                       shared_channel_merges, tensor_key, tie_index)
 from .backend import Backend, build_backend
 from .budget import TIME_LIMIT, Budget, Exhausted, bounded, check_time, one_walk, out_of_time, step_limit
 from .discover import _Union, find_attention
@@ -591,7 +591,7 @@ def _join_tied(entries: List[Tuple[str, Any]], graph: ChannelGraph) -> List[Tupl
     by_tensor: Dict[int, int] = {}
     for k, e in tied:
         for it in e.group.items:
-            t = tensor_of.get(f"{it.owner}.{it.attr}" if it.owner else it.attr)
+            t = tensor_of.get(item_name(it))
             if t is not None and len(names[id(t)]) >= 2:
                 link.join(by_tensor.setdefault(id(t), k), k)
     sets: Dict[int, List[int]] = {}
@@ -600,13 +600,16 @@ def _join_tied(entries: List[Tuple[str, Any]], graph: ChannelGraph) -> List[Tupl
     out = list(entries)
     for ks in sets.values():
         merged, why = merge_tied([entries[k][1].group for k in ks], graph) if len(ks) > 1 else (None, "")
-        for n, k in enumerate(ks):
-            name, e = entries[k]
-            if merged is not None:
-                out[k] = (name, merged if n == 0 else None)
-            else:
-                out[k] = (name, SkippedGroup(e.root, e.reason + (f"; joined with the other side: {why}" if why else "")))
+        _joined(out, ks, merged, lambda e: e.reason + (f"; joined with the other side: {why}" if why else ""))
     return out
+
+
+def _joined(out: List[Tuple[str, Any]], ks: List[int], merged: Optional[CoupledGroup], reason) -> None:
+    """Entries ``ks`` of ``out`` replaced by ``merged`` (at the first, the others dropped), or
+    each refused with ``reason(entry)`` when the join failed."""
+    for n, k in enumerate(ks):
+        name, e = out[k]
+        out[k] = (name, merged if n == 0 else None) if merged is not None else (name, SkippedGroup(e.root, reason(e)))
 
 
 def _join_overlapping(entries: List[Tuple[str, Any]], graph: ChannelGraph) -> List[Tuple[str, Any]]:
@@ -620,13 +623,11 @@ def _join_overlapping(entries: List[Tuple[str, Any]], graph: ChannelGraph) -> Li
         return entries
     if getattr(graph, "_ties", None) is None:
         graph._ties = tie_index(graph.model)
-    names, tensor_of, _ = graph._ties
+    tensor_of = graph._ties[1]
     uses: Dict[Tuple[Any, int], List[Tuple[int, torch.Tensor]]] = {}
     for k, g in at:
         for it in g.items:
-            name = f"{it.owner}.{it.attr}" if it.owner else it.attr
-            t = tensor_of.get(name)
-            uses.setdefault((id(t) if t is not None else name, it.dim), []).append((k, it.index))
+            uses.setdefault((tensor_key(it, tensor_of), it.dim), []).append((k, it.index))
     link = _Union()
     for shared in uses.values():
         if len({k for k, _ in shared}) < 2:   # most tensor dimensions: one group cuts them
@@ -645,14 +646,11 @@ def _join_overlapping(entries: List[Tuple[str, Any]], graph: ChannelGraph) -> Li
         groups = [entries[k][1] for k in ks]
         roots = ", ".join(repr(g.root) for g in groups)
         plain = all(not g.counters and not g.heads and not g.ordered for g in groups)
-        merged, why = merge_overlapping(groups, graph) if plain else (None, "one of them keeps bookkeeping of its own")
-        for n, k in enumerate(ks):
-            name, g = entries[k]
-            if merged is not None:
-                out[k] = (name, merged if n == 0 else None)
-            else:
-                out[k] = (name, SkippedGroup(g.root, f"cuts the same channels as the groups rooted at {roots} "
-                                                      f"(a grouped layer reads them together) and cannot join them: {why}"))
+        merged, why = merge_overlapping(groups, graph) if plain else (
+            None, "one of them changes attributes its forward reads (heads, counts, an ordered arrangement), "
+                  "which a joined group cannot carry; their channels are kept")
+        _joined(out, ks, merged, lambda _: f"cuts the same channels as the groups rooted at {roots} "
+                                           f"(a grouped layer reads them together) and cannot join them: {why}")
     return out
 
 
