@@ -352,14 +352,18 @@ def _all_hold(model: nn.Module, example_inputs, groups: List[CoupledGroup],
 
 def _compatible(groups: List[CoupledGroup]) -> List[List[CoupledGroup]]:
     """``groups`` in sets where no group reads its channels in a layer whose outputs another
-    group of the set cuts. An exact check compares the outputs of the layers that read a group's
-    channels (a wrong map there can be invisible at the model's output); a layer whose outputs
-    are cut too has no comparable output, so in one pair with such a group the check would be
-    lost (MobileBERT's embedding width, read by the layer whose outputs are the hidden width)."""
+    group of the set cuts in a way a check cannot follow by index. An exact check compares the
+    outputs of the layers that read a group's channels (a wrong map there can be invisible at the
+    model's output); where another group cuts that layer's outputs, its kept outputs are compared
+    (:func:`.verify.removed_outputs`), and where those cannot be told by index, the check would
+    be lost in one pair with such a group (MobileBERT's embedding width, read by the layer whose
+    outputs are the hidden width)."""
     parts: List[Tuple[List[CoupledGroup], Set[Any], Set[Any]]] = []
     for g in groups:
         ins = {i.module for i in g.items if i.role == "in" and i.module is not None}
-        outs = {i.module for i in g.items if i.role != "in"}
+        by_index = {i.module for i in g.items if i.role != "in" and i.owner == i.module}
+        outs = {i.module for i in g.items if i.role != "in"} - (by_index - {
+            i.module for i in g.items if i.role != "in" and i.owner != i.module})
         for members, read, cut in parts:
             if not ins & cut and not outs & read:
                 members.append(g)

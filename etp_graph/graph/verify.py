@@ -1,6 +1,7 @@
 """Mask-then-prune verification, shared by ``trace(validate=True)`` and ``etp_graph.testing``."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import itertools
@@ -67,6 +68,9 @@ def _tensors(model: nn.Module):
     return itertools.chain(model.parameters(), model.buffers())
 
 
+_PLAIN = (dict, list, set, collections.OrderedDict)
+
+
 def _copy_module(m: nn.Module, memo: Dict[int, nn.Module]) -> nn.Module:
     if id(m) in memo:
         return memo[id(m)]
@@ -76,7 +80,8 @@ def _copy_module(m: nn.Module, memo: Dict[int, nn.Module]) -> nn.Module:
         if k == "_modules":
             v = {n: None if c is None else _copy_module(c, memo) for n, c in v.items()}
         elif isinstance(v, (dict, list, set)):   # hooks, parameter dicts, flat-weight lists
-            v = copy.copy(v)
+            # (a plain container's own copy: copy.copy of an OrderedDict goes through __reduce_ex__)
+            v = v.copy() if type(v) in _PLAIN else copy.copy(v)
         new.__dict__[k] = v
     return new
 
@@ -89,6 +94,15 @@ def twin(model: nn.Module) -> nn.Module:
     if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
         return copy.deepcopy(model).eval()
     return _copy_module(model, {}).eval()
+
+
+def _as_masked(model: nn.Module) -> nn.Module:
+    """What the masked run of :func:`mask_and_prune` runs: ``model`` itself where it is in eval
+    mode (masking writes into its tensors and puts every value back, the watch hooks are removed
+    after), else a :func:`twin`."""
+    if any(m.training or isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        return twin(model)
+    return model
 
 
 @contextlib.contextmanager
@@ -139,7 +153,7 @@ def mask_and_prune(model: nn.Module, example_inputs: Any, cuts: Sequence[Tuple[A
         for group, units in cuts if mask else []:
             group.zero_(units, model=masked)
     else:   # the masked run zeroes the shared tensors in place and puts them back after
-        masked, pruned = twin(model), twin(model)
+        masked, pruned = _as_masked(model), twin(model)
     cut_groups(pruned, cuts)
     hooks = []
     for name, (got_m, got_p) in (watch or {}).items():
@@ -224,8 +238,9 @@ def experiment(model: nn.Module, example_inputs: Any, cuts, exact: bool,
 def _experiment(model: nn.Module, example_inputs: Any, cuts, exact: bool,
                 inside: Optional[List[Tuple[str, str]]], reference: Any = None) -> Tuple[Optional[Mismatch], nn.Module]:
     outs = {i.module for g, _ in cuts for i in g.items if i.role != "in"}
-    consumers = sorted({i.module for g, _ in cuts for i in g.items
-                        if i.role == "in" and i.module is not None and i.module not in outs}) if exact else []
+    removed = removed_outputs(cuts)
+    consumers = sorted({i.module for g, _ in cuts for i in g.items if i.role == "in" and i.module is not None
+                        and (i.module not in outs or removed.get(i.module) is not None)}) if exact else []
 
     def run(dtype=None, inside=None) -> Tuple[Optional[Mismatch], nn.Module]:
         watch = {n: ([], []) for n in consumers}
@@ -233,6 +248,8 @@ def _experiment(model: nn.Module, example_inputs: Any, cuts, exact: bool,
                                       reference=reference)
         why = compare(a, b, exact)
         for n, (got_m, got_p) in watch.items():
+            if why is None and n in removed:   # a layer whose outputs are cut too: its kept ones
+                got_m, why = _kept(got_m, got_p, removed[n], n)
             if why is None:
                 why = compare(got_m, got_p, True, relative=True, what=f"the output of {n!r}, tensor")
         return why, pruned
@@ -246,6 +263,54 @@ def _experiment(model: nn.Module, example_inputs: Any, cuts, exact: bool,
         if again is None:
             return None, pruned
     return why, pruned
+
+
+def removed_outputs(cuts) -> Dict[str, Optional[torch.Tensor]]:
+    """Layer name → the indices of its output channels that ``cuts`` remove, for every layer
+    whose outputs they cut: read from the layer's own tensors (a Linear's weight rows and bias, a
+    Conv1D's weight columns), ``None`` where those disagree or the cut reaches the layer through
+    other tensors only (its outputs cannot be compared by index)."""
+    seen: Dict[str, Dict[Tuple[str, int], torch.Tensor]] = {}
+    unclear = set()
+    for g, units in cuts:
+        units = torch.as_tensor(list(units), dtype=torch.long)
+        for it in g.items:
+            if it.role == "in" or it.module is None:
+                continue
+            if it.owner != it.module:
+                unclear.add(it.module)
+                continue
+            sel = torch.isin(it.unit, units)
+            if sel.any():
+                key = (it.attr, it.dim)
+                got = seen.setdefault(it.module, {})
+                got[key] = torch.cat([got[key], it.index[sel]]) if key in got else it.index[sel]
+    out: Dict[str, Optional[torch.Tensor]] = {}
+    for m in unclear | set(seen):
+        sets = [torch.unique(v) for v in seen.get(m, {}).values()]
+        out[m] = sets[0] if m not in unclear and sets and all(torch.equal(sets[0], v) for v in sets[1:]) else None
+    return out
+
+
+def _kept(masked: List[torch.Tensor], pruned: List[torch.Tensor], gone: torch.Tensor,
+          name: str) -> Tuple[List[torch.Tensor], Optional[Mismatch]]:
+    """The masked outputs of layer ``name`` at the channels the pruned one keeps: along the one
+    dimension where their shapes differ by the ``gone`` channels (else a mismatch: the check moves
+    to smaller sets of groups)."""
+    kept = []
+    for x, y in zip(masked, pruned):
+        diff = [d for d in range(x.dim()) if x.dim() == y.dim() and x.shape[d] != y.shape[d]]
+        if not diff:
+            kept.append(x)
+            continue
+        d = diff[0]
+        if len(diff) > 1 or x.shape[d] - y.shape[d] != len(gone) or int(gone.max()) >= x.shape[d]:
+            return masked, Mismatch("shape", f"the output of {name!r} has shape {tuple(y.shape)} after pruning, "
+                                             f"{tuple(x.shape)} after masking")
+        keep = torch.ones(x.shape[d], dtype=torch.bool)
+        keep[gone] = False
+        kept.append(x.index_select(d, keep.nonzero().flatten().to(x.device)))
+    return kept, None
 
 
 #: the share of a group's units a check removes (at least one, never all)

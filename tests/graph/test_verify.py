@@ -205,3 +205,39 @@ def test_a_wrong_map_read_by_a_layer_another_group_cuts_is_refused(monkeypatch):
     assert [s.root for s in g.skipped] == ["tok"]
     assert "the output of 'proj'" in g.skipped[0].reason
     assert any("proj" in {i.owner for i in x.items if i.role == "out"} for x in g.groups)   # the hidden width
+
+
+def test_groups_whose_reader_another_group_cuts_are_checked_in_one_pair(monkeypatch):
+    """ResNet-56's stream group is read by every block's first conv, whose outputs the block's
+    own group cuts: all groups are still checked in one masked/pruned pair, the reader's kept
+    outputs compared, and the model itself is the masked run (no copy), left as it was."""
+    from etp_graph import zoo
+    from etp_graph.graph import verify
+    pairs, copies = [], []
+    real_mp, real_twin = verify.mask_and_prune, verify.twin
+    monkeypatch.setattr(verify, "mask_and_prune", lambda *a, **k: pairs.append(len(a[2])) or real_mp(*a, **k))
+    monkeypatch.setattr(verify, "twin", lambda m: copies.append(m) or real_twin(m))
+    torch.manual_seed(0)
+    m = zoo.create("resnet56_cifar").eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    g = eg.trace(m, torch.randn(2, 3, 32, 32), ignored_layers=[m.linear])
+    assert (len(g.groups), g.skipped) == (28, [])
+    assert pairs == [28] and len(copies) == 1   # one pair for every group, one copy (the pruned one)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_the_kept_outputs_of_a_layer_cut_on_both_sides_are_compared():
+    """Trigram's hidden width and embedding width cut together: `proj` reads the one and its
+    outputs are the other; the experiment compares `proj`'s kept outputs and agrees, and a
+    layer's removed outputs are read from its own weight and bias."""
+    from etp_graph.graph.verify import removed_outputs
+    torch.manual_seed(0)
+    m = Trigram()
+    g = eg.trace(m, IDS, ignored_layers=[m.head])
+    tok = next(x for x in g.groups if x.root == "tok")
+    hidden = next(x for x in g.groups if x is not tok)
+    cuts = [(tok, [1, 5]), (hidden, [0, 2, 9])]
+    assert sorted(removed_outputs(cuts)) == ["pos", "proj", "tok"]
+    assert removed_outputs(cuts)["proj"].tolist() == [0, 2, 9]
+    why, pruned = experiment(m, IDS, cuts, True)
+    assert why is None and pruned.proj.weight.shape == (13, 30)
