@@ -82,7 +82,7 @@ aten::numpy_T aten::ones_like aten::pad aten::pow aten::pow_ aten::prelu aten::r
 aten::reflection_pad1d aten::reflection_pad2d aten::repeat aten::replication_pad1d
 aten::replication_pad2d aten::rsqrt aten::rsub aten::scatter aten::scatter_add
 aten::scatter_add_ aten::scatter_reduce aten::scatter_reduce_ aten::sigmoid aten::silu
-aten::sin aten::softmax aten::softplus aten::sqrt aten::std aten::std_mean aten::sub aten::sum
+aten::sin aten::softmax aten::softplus aten::sqrt aten::std aten::std_mean aten::sub aten::sub_ aten::sum
 aten::tanh aten::topk aten::tril aten::triu aten::unflatten aten::var aten::var_mean
 aten::where aten::zero_
 """.split())

@@ -255,6 +255,27 @@ def _units(entries: List[_Entry], roots: List[int], merges) -> List[List[int]]:
     return sorted(classes.values(), key=min)
 
 
+def _collapse(r: _Reading, roots: List[int], merges) -> str:
+    """Why the root channels of ``r`` form a single unit: the first layer role that joins them."""
+    if len(roots) < 2:
+        return "one root channel is owned by a tensor"
+    if len(_units([], roots, merges)) < 2:
+        return "the layers that share its channels join them all"
+    for k, e in enumerate(r.entries):
+        if len(_units(r.entries[: k + 1], roots, merges)) < 2:
+            if e.module is None and not e.slices and e.period:
+                how = (f"a reshape or chunk on the way splits the channels into parts of {e.period} and a "
+                       "unit is one position in every part" + (", so every channel goes with every other"
+                                                               if e.period == 1 else ""))
+            elif e.period or e.block:
+                how = (f"in {e.owner!r} ({e.role}) channels equal modulo {e.period} go together" if e.period
+                       else f"in {e.owner!r} ({e.role}) channels go in blocks of {e.block}")
+            else:
+                how = f"its {len(roots)} channels reach {len(set(e.idxs))} channel(s) of {e.owner!r} ({e.role})"
+            return f"{how} (the ops on the way: {', '.join(dict.fromkeys(r.ops)) or 'none'})"
+    return "its channels go together"
+
+
 def _assemble(r: _Reading, root_name: str, gid: int, graph: ChannelGraph, merges) -> CoupledGroup:
     roots = sorted({x for e in r.entries for x in e.root_idxs} - r.pinned)
     if not roots:
@@ -262,7 +283,7 @@ def _assemble(r: _Reading, root_name: str, gid: int, graph: ChannelGraph, merges
     ordered = _units(r.entries, roots, merges)
     unit_of = {x: u for u, cls in enumerate(ordered) for x in cls}
     if len(ordered) < 2:
-        raise Refused("fewer than two prunable units")
+        raise Refused(f"fewer than two prunable units: {_collapse(r, roots, merges)}")
     items: List[SliceItem] = []
     for e in r.entries:
         keep = [k for k, x in enumerate(e.root_idxs) if x in unit_of]

@@ -264,6 +264,8 @@ def build_backend(model: nn.Module, example_inputs: Any, backend: Optional[Backe
     """Trace ``model`` with Torch-Pruning (inside ``backend.tolerant()``); record every node's shape."""
     backend = backend if backend is not None else Backend(tp.DependencyGraph())
     recorder = _ShapeRecorder()
+    # made before any hook of ours (the leaves' below): a layer with hooks of the user's is not redirected
+    calls = LayerCalls(model)
     # autograd keeps what a backward would need; nothing runs backward here, and the graph is
     # read for its ops, dims and shapes only: saved tensors become shape-only (meta) stand-ins,
     # so the graph holds no activation
@@ -281,7 +283,6 @@ def build_backend(model: nn.Module, example_inputs: Any, backend: Optional[Backe
                 backend.outputs = [_shape_only(t) if t.is_floating_point() else t.detach().clone()
                                    for t in flat_tensors(out)]
                 return _traced_outputs(out)
-            calls = LayerCalls(model)   # entered before the backend's hooks: the user's own are seen
             with calls:
                 backend.dg.build_dependency(model, inputs, customized_pruners=_leaf_pruners(model),
                                             output_transform=transform, verbose=False)

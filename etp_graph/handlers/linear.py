@@ -49,7 +49,10 @@ class PyGLinearHandler(LinearHandler):
         return _is_pyg_linear(m)
 
     def own_call(self, m, func, given):
-        return False
+        # its forward is ``F.linear(x, self.weight, self.bias)``: ChebConv and TAGConv call
+        # ``lin.forward(x)``, which no module hook sees
+        return (func is F.linear and set(given) <= {"input", "weight", "bias"}
+                and given.get("weight") is m.weight and given.get("bias") is m.bias)
 
     def refresh(self, m, removed):
         m.out_channels, m.in_channels = m.weight.shape

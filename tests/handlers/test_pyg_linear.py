@@ -2,7 +2,7 @@
 weight the forward uses is refused with a reason, never left out in silence."""
 import torch
 from torch import nn
-from torch_geometric.nn import GCNConv, SAGEConv
+from torch_geometric.nn import ChebConv, GCNConv, SAGEConv, TAGConv
 
 import etp_graph as eg
 from etp_graph.testing import assert_prune_equivalent
@@ -27,6 +27,23 @@ def test_gcn_and_sage_prune_their_hidden_width_exactly():
         assert [(q.root, q.size) for q in g.groups] == [(r, 8) for r in roots] and not g.skipped
         owners = {i.owner for i in g.groups[0].items}
         assert {"c1", "c2.lin"} <= owners or {"c1.lin_r", "c2.lin_l", "c2.lin_r"} <= owners
+        checks = assert_prune_equivalent(net, x, ignored_layers=[net.c2])
+        assert {c.checked for c in checks} == {"values"}
+
+
+def test_chebconv_and_tagconv_call_their_linears_through_forward_and_still_prune_exactly():
+    """ChebConv and TAGConv apply ``lin.forward(x)`` to their propagated features: no module hook
+    sees the call, only its ``F.linear``; it is traced as the layer's call, so the width read by
+    every one of the K linears is one group (it was refused: 'mat1 and mat2 shapes cannot be
+    multiplied' when only the hooked ones were cut)."""
+    x = random_graph()
+    for conv in (lambda i, o: ChebConv(i, o, K=3), lambda i, o: TAGConv(i, o, K=3)):
+        torch.manual_seed(0)
+        net = TwoLayer(conv).eval()
+        g = eg.trace(net, x, ignored_layers=[net.c2])
+        assert [(q.root, q.size) for q in g.groups] == [("c1.lins.0", 8)] and not g.skipped
+        cols = {i.owner for i in g.groups[0].items if i.role == "in"}
+        assert {"c2.lins.0", "c2.lins.1", "c2.lins.2"} <= cols
         checks = assert_prune_equivalent(net, x, ignored_layers=[net.c2])
         assert {c.checked for c in checks} == {"values"}
 
