@@ -51,6 +51,9 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
            lambda b: eg.ETPConfig(beta=b, c=math.log(16.0), profile="group-sl")),
     Method("etp-unit", "candidate defaults: etp with scale='unit' (no 1/N: a unit of a wide group is pushed "
            "as hard as one of a narrow group)", lambda b: eg.ETPConfig(beta=b, **ETP_DEFAULTS, scale="unit")),
+    Method("etp-steep", "candidate: etp with c = 10 (the places next to the pivot pushed harder: with c = 5 "
+           "the second of 8 heads is pushed 1.9x as hard as the pivot, with c = 10 3.5x)",
+           lambda b: eg.ETPConfig(beta=b, **{**ETP_DEFAULTS, "c": 10.0})),
     Method("magnitude", "no regulariser (plain training for the same steps), coupled norm", None),
     Method("random", "no regulariser, random importance", None, random_importance=True),
 )}

@@ -33,7 +33,7 @@ class GatCora(Task):
     reg_mode = "grad"
     # ETP's strength from the earlier GAT benchmark; group-sl's is matched so the weakest unit of
     # an 8-head group gets the same push as ETP's farthest unit (2·0.05·e^5/8 ≈ 16·0.12)
-    betas = {"etp": 0.05, "etp-paper": 0.05, "torque": 0.05, "group-sl": 0.12, "etp-unit": 0.05 / 8}
+    betas = {"etp": 0.05, "etp-paper": 0.05, "torque": 0.05, "group-sl": 0.12, "etp-unit": 0.05 / 8, "etp-steep": 0.05}
 
     def load(self) -> None:
         self.data = load_planetoid(self.options.get("dataset", "Cora")).to(self.device)

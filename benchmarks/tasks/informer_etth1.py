@@ -37,7 +37,7 @@ class InformerETTh1(Task):
     reg_mode = "grad"
     # ETP's strength from the earlier Informer benchmark; group-sl matched on an 8-head group
     # etp-unit: β_etp / N of that group (its farthest unit pushed as etp pushes that group's)
-    betas = {"etp": 0.01, "etp-paper": 0.01, "torque": 0.01, "group-sl": 0.02, "etp-unit": 0.01 / 8}
+    betas = {"etp": 0.01, "etp-paper": 0.01, "torque": 0.01, "group-sl": 0.02, "etp-unit": 0.01 / 8, "etp-steep": 0.01}
 
     def _width(self):
         o = self.options

@@ -39,7 +39,7 @@ class MiniLMSST2(Task):
     decay_scale = 40.0          # the decoupled step is 40 × the AdamW rate (2e-3 at the start)
     # ETP's β of the earlier run; group-sl matched on a 12-head group: 2·1·e^5/12 ≈ 16·1.5
     # etp-unit: β_etp / N of that group (its farthest unit pushed as etp pushes that group's)
-    betas = {"etp": 1.0, "etp-paper": 1.0, "torque": 1.0, "group-sl": 1.5, "etp-unit": 1.0 / 12}
+    betas = {"etp": 1.0, "etp-paper": 1.0, "torque": 1.0, "group-sl": 1.5, "etp-unit": 1.0 / 12, "etp-steep": 1.0}
 
     def load(self) -> None:
         self.tok = load_tokenizer()

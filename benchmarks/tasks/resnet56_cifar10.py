@@ -76,7 +76,7 @@ class ResNet56(CifarTask):
     }
     # β of make demo; group-sl matched on a 32-unit group: 2·0.1·e^5/32 ≈ 16·0.058
     # etp-unit: β_etp / N of that group (its farthest unit pushed as etp pushes that group's)
-    betas = {"etp": 0.1, "etp-paper": 0.1, "torque": 0.1, "group-sl": 0.058, "etp-unit": 0.1 / 32}
+    betas = {"etp": 0.1, "etp-paper": 0.1, "torque": 0.1, "group-sl": 0.058, "etp-unit": 0.1 / 32, "etp-steep": 0.1}
 
     def build(self, seed: int):
         return zoo.create("resnet56_cifar", pretrained=True)

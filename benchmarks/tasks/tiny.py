@@ -35,7 +35,7 @@ class TinyCNN(Task):
     speedups = (1.5, 2.0)
     budgets = {"quick": Budget(dense=20, reg=10, finetune=5, note="seconds")}
     reg_mode = "grad"
-    betas = {"etp": 0.05, "etp-paper": 0.05, "torque": 0.05, "group-sl": 0.01, "etp-unit": 0.05 / 16}
+    betas = {"etp": 0.05, "etp-paper": 0.05, "torque": 0.05, "group-sl": 0.01, "etp-unit": 0.05 / 16, "etp-steep": 0.05}
 
     def load(self) -> None:
         g = torch.Generator().manual_seed(0)

@@ -47,7 +47,7 @@ class VGG19(CifarTask):
     }
     #: test images scored per budget (all 10,000 unless listed)
     eval_images = {"quick": 2000}
-    betas = {"etp": 0.1, "etp-paper": 0.1, "torque": 0.1, "group-sl": 0.02, "etp-unit": 0.1 / 256}
+    betas = {"etp": 0.1, "etp-paper": 0.1, "torque": 0.1, "group-sl": 0.02, "etp-unit": 0.1 / 256, "etp-steep": 0.1}
 
     def build(self, seed: int):
         import torch

@@ -65,12 +65,13 @@ def test_report_writes_tables_and_plots(cells, tmp_path):
 def test_every_task_and_method_is_registered():
     assert set(TASKS) == {"tiny-cnn", "gat-cora", "informer-etth1", "resnet56-cifar10", "vgg19-cifar10", "minilm-sst2"}
     assert list(methods.DEFAULT_METHODS) == ["etp", "etp-paper", "torque", "group-sl", "magnitude", "random"]
-    assert set(methods.METHODS) == set(methods.DEFAULT_METHODS) | {"etp-unit"}
+    assert set(methods.METHODS) == set(methods.DEFAULT_METHODS) | {"etp-unit", "etp-steep"}
     assert methods.get("etp-unit").regularizer_config(0.1).scale == "unit"
+    assert methods.get("etp-steep").regularizer_config(0.1).c == 10.0
     for name in TASKS:
         task = get_task(name)
         assert {"quick", "full"} <= set(task.budgets) or name == "tiny-cnn"
-        assert all(m in task.betas for m in ("etp", "etp-paper", "torque", "group-sl", "etp-unit")), name
+        assert all(m in task.betas for m in ("etp", "etp-paper", "torque", "group-sl", "etp-unit", "etp-steep")), name
     with pytest.raises(KeyError, match="known"):
         methods.get("obd")
     with pytest.raises(ValueError, match="budgets"):

@@ -136,3 +136,36 @@ def test_gatv2_prunes_heads_or_channels_exactly(kind, sizes):
     else:
         assert (net.c1.heads, net.c1.out_channels, net.c1.lin_edge.weight.shape) == (3, 3, (9, 4))
     assert net.c4.lin_l.weight.shape[1] == net.c3.heads * net.c3.out_channels
+
+
+class SuperGAT(nn.Module):
+    """SuperGATConv with both attention types: "MX" (att_l/att_r and dot-product logits) and "SD"
+    (scaled dot products, no attention parameters)."""
+
+    def __init__(self, kind="MX"):
+        super().__init__()
+        from torch_geometric.nn import SuperGATConv
+        self.c1 = SuperGATConv(10, 4, heads=3, attention_type="MX")
+        self.c2 = SuperGATConv(12, 5, heads=2, attention_type=kind)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x, edge_index, edge_attr):
+        x = F.elu(self.c1(x, edge_index))
+        return self.head(F.elu(self.c2(x, edge_index)))
+
+
+def test_supergat_prunes_heads_exactly_and_refuses_dims_under_a_scaled_score():
+    torch.manual_seed(2)
+    x = _inputs()
+    net = SuperGAT("SD").eval()
+    graph = eg.trace(net, x, ignored_layers=[net.head])
+    assert [(g.root, g.size) for g in graph.groups] == [("c1", 3), ("c2", 2)] and not graph.skipped
+    assert_prune_equivalent(net, x, ignored_layers=[net.head])
+    _prune_every_group_equals_masking(net, graph, x, 1, net.head, "heads")
+    assert (net.c1.heads, net.c1.att_l.shape, net.c2.heads, net.c2.lin.weight.shape) == (2, (1, 2, 4), 1, (5, 8))
+    net = SuperGAT("SD").eval()
+    graph = eg.trace(net, x, ignored_layers=[net.head], attention_units="head_dims")
+    assert [(g.root, g.size) for g in graph.groups] == [("c1", 4)]
+    assert "1/sqrt(out_channels)" in graph.skipped[0].reason
+    net = SuperGAT("MX").eval()
+    assert_prune_equivalent(net, x, ignored_layers=[net.head], attention_units="head_dims")
