@@ -267,9 +267,10 @@ def _collapse(r: _Reading, roots: List[int], merges) -> str:
                 how = (f"a reshape or chunk on the way splits the channels into parts of {e.period} and a "
                        "unit is one position in every part" + (", so every channel goes with every other"
                                                                if e.period == 1 else ""))
-            elif e.period or e.block:
-                how = (f"in {e.owner!r} ({e.role}) channels equal modulo {e.period} go together" if e.period
-                       else f"in {e.owner!r} ({e.role}) channels go in blocks of {e.block}")
+            elif e.period:
+                how = f"in {e.owner!r} ({e.role}) channels equal modulo {e.period} go together"
+            elif e.block:
+                how = f"in {e.owner!r} ({e.role}) channels go in blocks of {e.block}"
             else:
                 how = f"its {len(roots)} channels reach {len(set(e.idxs))} channel(s) of {e.owner!r} ({e.role})"
             return f"{how} (the ops on the way: {', '.join(dict.fromkeys(r.ops)) or 'none'})"
@@ -400,7 +401,7 @@ def mirrored_ties(items: Sequence[SliceItem], index, called: Optional[Set[str]])
     if called is None:
         return []
     names, tensor_of, module_of = index
-    have = {f"{i.owner}.{i.attr}" if i.owner else i.attr for i in items}
+    have = {item_name(i) for i in items}
     extra = []
     for it in items:
         key = item_name(it)

@@ -361,9 +361,8 @@ def _compatible(groups: List[CoupledGroup]) -> List[List[CoupledGroup]]:
     parts: List[Tuple[List[CoupledGroup], Set[Any], Set[Any]]] = []
     for g in groups:
         ins = {i.module for i in g.items if i.role == "in" and i.module is not None}
-        by_index = {i.module for i in g.items if i.role != "in" and i.owner == i.module}
-        outs = {i.module for i in g.items if i.role != "in"} - (by_index - {
-            i.module for i in g.items if i.role != "in" and i.owner != i.module})
+        # the layers whose cut outputs cannot be told by index: cut through tensors not their own
+        outs = {i.module for i in g.items if i.role != "in" and i.owner != i.module}
         for members, read, cut in parts:
             if not ins & cut and not outs & read:
                 members.append(g)

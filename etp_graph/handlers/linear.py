@@ -23,14 +23,19 @@ class LinearHandler(LayerHandler):
         return [TensorSlice("weight", 1)]
 
     def own_call(self, m, func, given):
-        return (func is F.linear and type(m).forward is nn.Linear.forward and set(given) <= {"input", "weight", "bias"}
-                and given.get("weight") is m.weight and given.get("bias") is m.bias)
+        return type(m).forward is nn.Linear.forward and _its_linear(m, func, given)
 
     def refresh(self, m, removed):
         m.out_features, m.in_features = m.weight.shape
 
     def num_channels(self, m, role):
         return m.out_features if role == "out" else m.in_features
+
+
+def _its_linear(m: nn.Module, func, given) -> bool:
+    """``func(**given)`` is ``F.linear`` of ``m``'s own weight and bias."""
+    return (func is F.linear and set(given) <= {"input", "weight", "bias"}
+            and given.get("weight") is m.weight and given.get("bias") is m.bias)
 
 
 def _is_pyg_linear(m: nn.Module) -> bool:
@@ -49,10 +54,9 @@ class PyGLinearHandler(LinearHandler):
         return _is_pyg_linear(m)
 
     def own_call(self, m, func, given):
-        # its forward is ``F.linear(x, self.weight, self.bias)``: ChebConv and TAGConv call
-        # ``lin.forward(x)``, which no module hook sees
-        return (func is F.linear and set(given) <= {"input", "weight", "bias"}
-                and given.get("weight") is m.weight and given.get("bias") is m.bias)
+        # its forward is ``F.linear(x, self.weight, self.bias)`` (matched by exact type): ChebConv
+        # and TAGConv call ``lin.forward(x)``, which no module hook sees
+        return _its_linear(m, func, given)
 
     def refresh(self, m, removed):
         m.out_channels, m.in_channels = m.weight.shape
